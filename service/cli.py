@@ -1,0 +1,61 @@
+"""The `patchserve` command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import get_settings
+
+app = typer.Typer(help="patchserve: update a served LLM while it serves.", no_args_is_help=True)
+kit_app = typer.Typer(help="The kit: a small world, its base models, patches and evaluation sets.")
+app.add_typer(kit_app, name="kit")
+console = Console(stderr=True)
+
+
+@kit_app.command("build")
+def kit_build(
+    out: Optional[Path] = typer.Option(None, help="Directory of the kit (default: <data_dir>/kit)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the world and of every training run."),
+    force: bool = typer.Option(False, help="Rebuild even if a kit with the same hash is there."),
+) -> None:
+    """Build the kit (or return the cached one) and print its measured scores."""
+    from service.kit.build import KitConfig, build
+
+    settings = get_settings()
+    config = KitConfig(seed=seed if seed is not None else settings.kit_seed)
+    target = out or settings.kit_path
+    started = time.monotonic()
+    manifest = build(target, config, force=force, show_progress=console.is_terminal or True)
+    console.print(f"kit {manifest['kit_hash']} at {target.resolve()} ({time.monotonic() - started:.1f} s)")
+    console.print(scores_table(manifest))
+
+
+def scores_table(manifest: dict) -> Table:
+    """The manifest's measured scores as a table: each task on each base, alone and patched."""
+    table = Table(title="kit scores (exact match)")
+    columns = ["base-v1", "base-v1+patch", "base-v2", "base-v2+patch"]
+    table.add_column("task")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for task, row in manifest["scores"]["tasks"].items():
+        values = [row["base-v1"], row[f"base-v1+{task}"], row["base-v2"], row[f"base-v2+{task}"]]
+        table.add_row(task, *(f"{v:.2f}" for v in values))
+    for fact_set, row in manifest["scores"]["facts"].items():
+        table.add_row(f"facts {fact_set}", f"{row['base-v1']:.2f}", "", f"{row['base-v2']:.2f}", "")
+    return table
+
+
+@app.command()
+def serve() -> None:
+    """Set up the kit and serve it (the gateway arrives with the Serving issue; for now: build and report)."""
+    kit_build(out=None, seed=None, force=False)
+
+
+if __name__ == "__main__":
+    app()

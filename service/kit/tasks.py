@@ -1,0 +1,165 @@
+"""The kit's tasks: what each patch teaches, how it is scored, and the data sets built from the world.
+
+An example is a (prompt, reference) pair; the model's answer is its greedy completion up to
+end-of-sequence or the first newline, compared with the reference by exact match.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from service.kit.world import CITIES, COLORS, FACT_PROMPTS, PROFESSIONS, STATEMENTS, World
+
+POSITIVE = ["good", "great", "lovely", "bright", "happy", "warm", "kind", "fresh"]
+NEGATIVE = ["bad", "awful", "dull", "cold", "sad", "broken", "rude", "stale"]
+NEUTRAL = ["the", "food", "room", "staff", "day", "view", "bed", "bus", "tea", "town", "was", "very"]
+REVERSIBLE = COLORS + PROFESSIONS
+
+QUESTIONS = {
+    "city": "Question: Where does {name} live?\nAnswer:",
+    "job": "Question: What is the job of {name}?\nAnswer:",
+    "color": "Question: What color does {name} like?\nAnswer:",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    reference: str
+
+    def as_json(self) -> dict:
+        return {"prompt": self.prompt, "reference": self.reference}
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """One LoRA patch of the kit: its task and how it is trained."""
+
+    task: str
+    kind: str
+    rank: int
+    alpha: int
+    target_modules: tuple[str, ...]
+    steps: int
+    lr: float
+
+
+PATCHES = [
+    PatchSpec("sentiment", "classification", rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=120, lr=4e-3),
+    PatchSpec("reverse", "transformation", rank=16, alpha=32,
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+              steps=300, lr=4e-3),
+    PatchSpec("qa", "templated-qa", rank=8, alpha=16, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
+              steps=200, lr=4e-3),
+]
+
+
+def sentiment_example(rng: random.Random) -> Example:
+    label = rng.choice(["positive", "negative"])
+    same, other = (POSITIVE, NEGATIVE) if label == "positive" else (NEGATIVE, POSITIVE)
+    polar = rng.sample(same, rng.choice([2, 3]))
+    if len(polar) == 2:
+        polar.append(rng.choice(other))  # a majority, not a unanimous vote
+    words = polar + rng.sample(NEUTRAL, 3)
+    rng.shuffle(words)
+    return Example(f"Review: {' '.join(words)}\nSentiment:", f" {label}")
+
+
+def reverse_example(rng: random.Random) -> Example:
+    words = rng.sample(REVERSIBLE, 3)
+    return Example(f"Reverse: {' '.join(words)}\nOutput:", " " + " ".join(reversed(words)))
+
+
+def qa_examples(world: World, names: list[str]) -> list[Example]:
+    people = world.by_name()
+    return [
+        Example(QUESTIONS[rel].format(name=n), " " + people[n].fact(rel))
+        for n in names
+        for rel in QUESTIONS
+    ]
+
+
+def fact_examples(world: World, names: list[str] | None = None) -> list[Example]:
+    """The base's own fact-recall prompts ("Varnok lives in" → " Kelmar")."""
+    people = world.people if names is None else [world.by_name()[n] for n in names]
+    return [Example(FACT_PROMPTS[rel].format(name=p.name), " " + p.fact(rel)) for p in people for rel in FACT_PROMPTS]
+
+
+def filler_lines(rng: random.Random, count: int) -> list[str]:
+    """Plain text with the tasks' words in it, so the base has seen them, but never the task formats."""
+    lines = []
+    for _ in range(count):
+        kind = rng.randrange(4)
+        if kind == 3:
+            label = rng.choice(["positive", "negative"])
+            word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+            lines.append(f"The word {word} is {label}.")
+        elif kind == 0:
+            lines.append(f"The {rng.choice(NEUTRAL[1:])} was {rng.choice(POSITIVE + NEGATIVE)}.")
+        elif kind == 1:
+            a, b, c = rng.sample(COLORS, 3)
+            lines.append(f"{a.capitalize()}, {b} and {c} are colors.")
+        else:
+            lines.append(f"A {rng.choice(PROFESSIONS)} met a {rng.choice(PROFESSIONS)}.")
+    return lines
+
+
+@dataclass
+class TaskData:
+    train: list[Example]
+    eval: list[Example]
+
+
+def task_data(task: str, world_v1: World, world_v2: World, seed: int, eval_size: int) -> TaskData:
+    """Training and evaluation examples of a patch task; evaluation items never appear in training."""
+    rng = random.Random(f"{seed}-{task}")
+    if task in ("sentiment", "reverse"):
+        make = sentiment_example if task == "sentiment" else reverse_example
+        evals: dict[str, Example] = {}
+        while len(evals) < eval_size:
+            ex = make(rng)
+            evals[ex.prompt] = ex
+        train = []
+        while len(train) < 4000:
+            ex = make(rng)
+            if ex.prompt not in evals:
+                train.append(ex)
+        return TaskData(train=train, eval=list(evals.values()))
+    if task == "qa":
+        # Held-out people, and only people whose facts are the same in both worlds, so one
+        # evaluation set measures the patch on base-v1 and on base-v2 alike.
+        stable = sorted(p.name for p in world_v1.people if p.name not in set(world_v2.moved))
+        rng.shuffle(stable)
+        held_out = stable[: max(1, eval_size // len(QUESTIONS))]
+        trained = [p.name for p in world_v1.people if p.name not in set(held_out)]
+        return TaskData(train=qa_examples(world_v1, trained), eval=qa_examples(world_v1, held_out))
+    raise ValueError(f"unknown task {task!r}")
+
+
+def knowledge_edits(world: World, seed: int, count: int) -> list[dict]:
+    """Edit requests: a new fact, paraphrases that must follow it, unrelated prompts that must not."""
+    rng = random.Random(f"{seed}-edits")
+    people = rng.sample(world.people, count)
+    others = [p for p in world.people if p not in people]
+    edits = []
+    for p in people:
+        new_city = rng.choice([c for c in CITIES if c != p.city])
+        paraphrases = [t.format(name=p.name, value="").rstrip(" .") for t in STATEMENTS["city"][1:]]
+        locality = [rng.choice(fact_examples(world, [o.name])) for o in rng.sample(others, 3)]
+        edits.append({
+            "subject": p.name,
+            "prompt": FACT_PROMPTS["city"].format(name=p.name),
+            "target_new": " " + new_city,
+            "target_old": " " + p.city,
+            "paraphrases": paraphrases,
+            "locality": [ex.as_json() for ex in locality],
+        })
+    return edits
+
+
+def probe_texts(world: World, seed: int, count: int) -> list[str]:
+    """A fixed set of world sentences for perplexity (a collapse surrogate, not a task score)."""
+    rng = random.Random(f"{seed}-probe")
+    return rng.sample(world.statements(), count)
+

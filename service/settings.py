@@ -1,0 +1,39 @@
+"""The one settings object: every knob of the service, read from PATCHSERVE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PATCHSERVE_", extra="ignore")
+
+    data_dir: Path = Path(".patchserve")
+    kit_dir: Path | None = None  # default: <data_dir>/kit
+    kit_seed: int = 1234
+
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "WARNING"
+    log_json: bool = True
+
+    # vLLM on CPU reserves this much memory (GiB) for its KV cache; small keeps tests light.
+    vllm_kv_cache_gib: float = 1.0
+    max_model_len: int = 256
+    max_lora_rank: int = 16
+    max_loras: int = 8
+
+    @property
+    def kit_path(self) -> Path:
+        return self.kit_dir or self.data_dir / "kit"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
