@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import peft
@@ -24,50 +24,11 @@ from peft import PeftModel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service.kit import evaluate, tasks, tokenizer, train, world
+from service.kit.config import MANIFEST, KitConfig, cached
 from service.kit.tasks import Example
 
 log = logging.getLogger("patchserve.kit")
-
-MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class KitConfig:
-    seed: int = 1234
-    people: int = 64
-    new_people: int = 16
-    moved: int = 16
-    vocab_size: int = 1024
-    shape: train.ModelShape = field(default_factory=train.ModelShape)
-    base_steps: int = 700
-    base_lr: float = 3e-3
-    v2_steps: int = 300
-    v2_lr: float = 2e-3
-    batch: int = 32
-    seq_len: int = 64
-    eval_size: int = 96
-    edits: int = 24
-    probes: int = 64
-    threads: int = 2
-
-    def digest(self) -> str:
-        """Hash of the settings, the kit's code and the library versions that decide its bytes."""
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for module in (world, tasks, tokenizer, train, evaluate):
-            h.update(Path(module.__file__).read_bytes())
-        h.update(Path(__file__).read_bytes())
-        h.update(f"{torch.__version__} {transformers.__version__} {peft.__version__}".encode())
-        return h.hexdigest()[:16]
-
-
-def cached(out: Path, config: KitConfig) -> dict | None:
-    """The manifest of a complete kit at `out` built from `config`, or None."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("kit_hash") == config.digest() else None
-
+transformers.utils.logging.disable_progress_bar()  # one progress display: ours
 
 def build(out: Path, config: KitConfig = KitConfig(), *, force: bool = False, show_progress: bool = True) -> dict:
     """Build the kit into `out` (or return the cached one) and return its manifest."""
@@ -87,6 +48,7 @@ def build(out: Path, config: KitConfig = KitConfig(), *, force: bool = False, sh
             out.rename(old)
             shutil.rmtree(old)
         tmp.rename(out)
+        log.info("kit built", extra={"fields": {"kit_hash": manifest["kit_hash"], "path": str(out)}})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -152,12 +114,13 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
         model = train.train_patch(copy.deepcopy(base_v1), tok, spec, data[spec.task].train, batch=cfg.batch,
                                   seed=cfg.seed, on_step=_stage(progress, f"patch {spec.task}", spec.steps))
         model.save_pretrained(out / "patches" / spec.task, safe_serialization=True)
+        (out / "patches" / spec.task / "README.md").unlink(missing_ok=True)  # a patch is config + weights only
         t = mark(f"patch-{spec.task}", t)
 
     for task, d in data.items():
         _write_jsonl(out / "eval" / f"{task}.jsonl", [ex.as_json() for ex in d.eval])
     facts = {f"v{w.version}": tasks.fact_examples(w) for w in (v1, v2)}
-    facts["v2-moved"] = tasks.fact_examples(v2, v2.moved)
+    facts["v2-moved"] = tasks.fact_examples(v2, v2.moved, relations=("city",))
     for name, exs in facts.items():
         _write_jsonl(out / "eval" / f"facts-{name}.jsonl", [ex.as_json() for ex in exs])
     probes = tasks.probe_texts(v1, cfg.seed, cfg.probes)

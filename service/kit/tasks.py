@@ -80,10 +80,11 @@ def qa_examples(world: World, names: list[str]) -> list[Example]:
     ]
 
 
-def fact_examples(world: World, names: list[str] | None = None) -> list[Example]:
+def fact_examples(world: World, names: list[str] | None = None, relations: tuple[str, ...] = tuple(FACT_PROMPTS),
+                  ) -> list[Example]:
     """The base's own fact-recall prompts ("Varnok lives in" → " Kelmar")."""
     people = world.people if names is None else [world.by_name()[n] for n in names]
-    return [Example(FACT_PROMPTS[rel].format(name=p.name), " " + p.fact(rel)) for p in people for rel in FACT_PROMPTS]
+    return [Example(FACT_PROMPTS[rel].format(name=p.name), " " + p.fact(rel)) for p in people for rel in relations]
 
 
 def filler_lines(rng: random.Random, count: int) -> list[str]:

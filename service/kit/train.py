@@ -5,25 +5,15 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from service.kit.config import ModelShape
 from service.kit.tasks import Example, PatchSpec
 
 OnStep = Callable[[int, float], None]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden: int = 128
-    intermediate: int = 512
-    layers: int = 4
-    heads: int = 2
-    head_dim: int = 64
-    max_positions: int = 256
 
 
 def new_base(shape: ModelShape, vocab_size: int, tok: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:

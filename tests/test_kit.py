@@ -1,0 +1,94 @@
+"""The kit: deterministic, cached by content hash, complete, and made of models that learned something."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from service.kit.build import build
+from service.kit.config import KitConfig, ModelShape
+from tests.conftest import read_jsonl
+
+# A kit small enough to build twice in a test: it checks the machinery, not the scores.
+SMALL = KitConfig(people=12, new_people=4, moved=4, vocab_size=400, shape=ModelShape(hidden=64, intermediate=128),
+                  base_steps=8, v2_steps=4, batch=8, eval_size=12, edits=4, probes=8)
+
+
+def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
+    from service.kit import tasks
+
+    # Shorter patch training for the small kit; the full kit's settings are in the manifest.
+    monkeypatch.setattr(tasks, "PATCHES", [dataclasses.replace(p, steps=3) for p in tasks.PATCHES])
+    a = build(tmp_path / "a", SMALL, show_progress=False)
+    b = build(tmp_path / "b", SMALL, show_progress=False)
+    assert a["checksums"] == b["checksums"], "same seed, same bytes"
+
+    inode = (tmp_path / "a" / "manifest.json").stat().st_ino
+    again = build(tmp_path / "a", SMALL, show_progress=False)
+    assert again == a and (tmp_path / "a" / "manifest.json").stat().st_ino == inode, "a cache hit rebuilds nothing"
+
+    other = build(tmp_path / "a", dataclasses.replace(SMALL, seed=SMALL.seed + 1), show_progress=False)
+    assert other["kit_hash"] != a["kit_hash"] and other["checksums"] != a["checksums"]
+    assert not list(tmp_path.glob(".*building*")) and not list(tmp_path.glob(".*old*")), "no half-built kit is left"
+
+
+def test_manifest_checksums_match_files(kit_dir, manifest):
+    for rel, digest in manifest["checksums"].items():
+        assert hashlib.sha256((kit_dir / rel).read_bytes()).hexdigest() == digest, rel
+
+
+def test_patches_lift_their_task_by_a_wide_margin(manifest):
+    tasks = manifest["scores"]["tasks"]
+    assert set(tasks) == set(manifest["patches"]) and len(tasks) >= 3
+    for task, row in tasks.items():
+        assert row[f"base-v1+{task}"] - row["base-v1"] >= 0.4, (task, row)
+        # Carried to base-v2 unchanged (PortLLM-style), each patch is measured, whatever it scores.
+        assert 0.0 <= row[f"base-v2+{task}"] <= 1.0
+
+
+def test_bases_know_their_world(manifest):
+    facts = manifest["scores"]["facts"]
+    assert facts["v1"]["base-v1"] >= 0.9, "base-v1 states its facts"
+    assert facts["v2-moved"]["base-v2"] >= 0.9, "base-v2 learned the facts that changed"
+    assert facts["v2-moved"]["base-v1"] <= 0.2, "the changed facts are really new to base-v1"
+
+
+def test_patches_differ_in_rank_and_modules(kit_dir, manifest):
+    configs = [json.loads((kit_dir / p["path"] / "adapter_config.json").read_text()) for p in manifest["patches"].values()]
+    assert len({c["r"] for c in configs}) >= 2
+    assert len({tuple(sorted(c["target_modules"])) for c in configs}) == len(configs)
+    for p in manifest["patches"].values():
+        files = {f.name for f in (kit_dir / p["path"]).iterdir()}
+        assert files == {"adapter_config.json", "adapter_model.safetensors"}, "safetensors, never pickle"
+
+
+def test_data_sets_are_well_formed(kit_dir, manifest):
+    for rel in manifest["eval_sets"].values():
+        rows = read_jsonl(kit_dir / rel)
+        assert rows and all(set(r) == {"prompt", "reference"} for r in rows)
+    for edit in read_jsonl(kit_dir / manifest["edit_set"]):
+        assert edit["target_new"] != edit["target_old"] and edit["paraphrases"] and edit["locality"]
+    assert read_jsonl(kit_dir / manifest["probe_set"])
+
+
+def test_tokenizer_adds_bos_and_has_a_chat_template(kit_dir):
+    tok = AutoTokenizer.from_pretrained(kit_dir / "base-v1")
+    assert tok("hello")["input_ids"][0] == tok.bos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|assistant|>\n") and "<|user|>\nhi<|eos|>" in text
+
+
+@pytest.mark.parametrize("train_set_leak", ["sentiment", "reverse", "qa"])
+def test_evaluation_items_are_not_trained_on(train_set_leak, kit_dir):
+    from service.kit import tasks, world
+    from service.kit.config import KitConfig
+
+    cfg = KitConfig()
+    v1, v2 = world.build_worlds(cfg.seed, cfg.people, cfg.new_people, cfg.moved)
+    data = tasks.task_data(train_set_leak, v1, v2, cfg.seed, cfg.eval_size)
+    assert not {e.prompt for e in data.train} & {e.prompt for e in data.eval}
+    assert [e.as_json() for e in data.eval] == read_jsonl(kit_dir / "eval" / f"{train_set_leak}.jsonl")
