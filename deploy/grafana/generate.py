@@ -1,0 +1,75 @@
+"""Writes the Grafana dashboards in deploy/grafana/dashboards/ from the panel lists below.
+
+Run `python deploy/grafana/generate.py` after changing a panel; tests evaluate every query
+against a real Prometheus scraping a live gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SERVED = "alias, version, base"
+
+DASHBOARDS = {
+    "serving": ("patchserve — Serving", "Is the service answering, how fast, and for whom?", [
+        ("Requests/s by alias and version", f"sum by ({SERVED}) (rate(patchserve_requests_total[1m]))", "reqps"),
+        ("Error ratio (5xx) by alias",
+         'sum by (alias) (rate(patchserve_requests_total{status=~"5.."}[1m])) '
+         "/ clamp_min(sum by (alias) (rate(patchserve_requests_total[1m])), 1e-9)", "percentunit"),
+        ("Responses by status", "sum by (status) (rate(patchserve_requests_total[1m]))", "reqps"),
+        ("End-to-end latency p50",
+         "histogram_quantile(0.5, sum by (le, alias) (rate(patchserve_request_duration_seconds_bucket[1m])))", "s"),
+        ("End-to-end latency p99",
+         "histogram_quantile(0.99, sum by (le, alias) (rate(patchserve_request_duration_seconds_bucket[1m])))", "s"),
+        ("Time to first token p50",
+         "histogram_quantile(0.5, sum by (le, alias) (rate(patchserve_time_to_first_token_seconds_bucket[1m])))", "s"),
+        ("Inter-token latency p50",
+         "histogram_quantile(0.5, sum by (le, alias) (rate(patchserve_inter_token_latency_seconds_bucket[1m])))", "s"),
+        ("Generated tokens/s by alias", "sum by (alias) (rate(patchserve_generation_tokens_total[1m]))", "short"),
+        ("Prompt tokens/s by alias", "sum by (alias) (rate(patchserve_prompt_tokens_total[1m]))", "short"),
+        ("Queue depth", "sum by (engine) (patchserve_queue_depth)", "short"),
+        ("Running requests", "sum by (engine) (patchserve_running_requests)", "short"),
+        ("Engine ready", "patchserve_engine_ready", "short"),
+    ]),
+    "patches": ("patchserve — Patches and versions", "Which version does each alias serve, and what is loaded?", [
+        ("Active version per alias", "patchserve_alias_active_info == 1", "short"),
+        ("Adapters resident per engine", "patchserve_adapters_resident", "short"),
+        ("Adapter load time p50",
+         'histogram_quantile(0.5, sum by (le, engine) '
+         '(rate(patchserve_adapter_operation_duration_seconds_bucket{operation="load"}[5m])))', "s"),
+        ("Requests/s by version", "sum by (alias, version) (rate(patchserve_requests_total[1m]))", "reqps"),
+    ]),
+}
+
+
+def panel(i: int, title: str, expr: str, unit: str) -> dict:
+    return {
+        "id": i + 1,
+        "type": "timeseries",
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "prometheus"},
+        "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": (i // 2) * 8},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"refId": "A", "expr": expr, "datasource": {"type": "prometheus", "uid": "prometheus"}}],
+    }
+
+
+def dashboard(uid: str, title: str, description: str, panels: list) -> dict:
+    return {
+        "uid": f"patchserve-{uid}",
+        "title": title,
+        "description": description,
+        "tags": ["patchserve"],
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "10s",
+        "panels": [panel(i, *p) for i, p in enumerate(panels)],
+    }
+
+
+if __name__ == "__main__":
+    out = Path(__file__).parent / "dashboards"
+    for uid, (title, description, panels) in DASHBOARDS.items():
+        (out / f"{uid}.json").write_text(json.dumps(dashboard(uid, title, description, panels), indent=2) + "\n")
+        print(f"wrote {out / f'{uid}.json'}")

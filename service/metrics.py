@@ -1,0 +1,55 @@
+"""Every Prometheus metric the service exports, in one place, so dashboards have one list to match.
+
+Label sets are bounded: `alias` is a registered model name (never the raw request string),
+`version` is a patch version number or "none", `base` a registered base, `status` an HTTP code.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_SERVED = ["alias", "version", "base"]
+# Latencies on CPU range from milliseconds (a token) to tens of seconds (a long request under load).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+requests_total = Counter(
+    "patchserve_requests_total", "Inference requests finished, by what served them and their HTTP status.",
+    _SERVED + ["status"], registry=REGISTRY)
+request_duration = Histogram(
+    "patchserve_request_duration_seconds", "End-to-end latency of an inference request.",
+    _SERVED, buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+time_to_first_token = Histogram(
+    "patchserve_time_to_first_token_seconds", "Time from admission to the first generated token.",
+    _SERVED, buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+inter_token_latency = Histogram(
+    "patchserve_inter_token_latency_seconds", "Time between consecutive generated tokens.",
+    _SERVED, buckets=_TOKEN_BUCKETS, registry=REGISTRY)
+prompt_tokens = Counter(
+    "patchserve_prompt_tokens_total", "Prompt tokens processed.", _SERVED, registry=REGISTRY)
+generation_tokens = Counter(
+    "patchserve_generation_tokens_total", "Tokens generated.", _SERVED, registry=REGISTRY)
+
+queue_depth = Gauge(
+    "patchserve_queue_depth", "Requests admitted by the gateway and waiting for the engine.", ["engine"],
+    registry=REGISTRY)
+running_requests = Gauge(
+    "patchserve_running_requests", "Requests the engine is generating for now.", ["engine"], registry=REGISTRY)
+adapters_resident = Gauge(
+    "patchserve_adapters_resident", "Adapters loaded in an engine.", ["engine"], registry=REGISTRY)
+adapter_operation_duration = Histogram(
+    "patchserve_adapter_operation_duration_seconds", "Time to load or unload an adapter in an engine.",
+    ["engine", "operation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+
+alias_active = Gauge(
+    "patchserve_alias_active_info", "1 for the version each alias serves now.",
+    ["alias", "patch", "version", "base"], registry=REGISTRY)
+hot_swaps = Counter(
+    "patchserve_hot_swaps_total", "Alias pointer moves, by kind (activate, rollback, auto_rollback) and reason.",
+    ["alias", "kind", "reason"], registry=REGISTRY)
+
+redis_up = Gauge("patchserve_redis_up", "1 when the registry's Redis answers PING.", registry=REGISTRY)
+engine_ready = Gauge("patchserve_engine_ready", "1 when the engine is loaded and answering.", ["engine"],
+                     registry=REGISTRY)
