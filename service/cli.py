@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -61,9 +62,30 @@ def scores_table(manifest: dict) -> Table:
 
 
 @app.command()
-def serve() -> None:
-    """Set up the kit and serve it (the gateway arrives with the Serving issue; for now: build and report)."""
-    kit_build(out=None, seed=None, force=False)
+def serve(
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default: settings.host)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default: settings.port)."),
+) -> None:
+    """Build the kit if needed, then serve it: base-v1 as `tiny`, and the kit's patches by name."""
+    import uvicorn
+
+    from service import logs
+    from service.api.app import create_app
+    from service.engines import create_engine
+    from service.kit_models import kit_resolver
+
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.log_json)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level)  # quiet by default, like ours
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
+    manifest = ensure_kit(settings.kit_path, settings.kit_seed)
+    resolver = kit_resolver(settings.kit_path, manifest)
+    engine = create_engine(settings, str(settings.kit_path / "base-v1"))
+    app = create_app(settings, engine, resolver)
+    console.print(f"patchserve: {engine.name} engine, models {', '.join(resolver.models())} "
+                  f"on http://{host or settings.host}:{port or settings.port}")
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
+                timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

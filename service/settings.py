@@ -23,10 +23,12 @@ class Settings(BaseSettings):
     log_json: bool = True
 
     # vLLM on CPU reserves this much memory (GiB) for its KV cache; small keeps tests light.
-    vllm_kv_cache_gib: float = 1.0
+    vllm_kv_cache_gib: int = 1
     max_model_len: int = 256
     max_lora_rank: int = 16
     max_loras: int = 8
+    # Requests the gateway holds at once (running + waiting); beyond it: 503 with Retry-After.
+    max_in_flight: int = 256
 
     @property
     def kit_path(self) -> Path:

@@ -1,0 +1,227 @@
+"""Completions and chat completions: resolve the model, admit, submit to the engine, shape the answer.
+
+Every request is measured here, from engine events, the same way whatever the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from service import metrics
+from service.api import protocol as p
+from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
+from service.resolver import Resolved, Resolver, UnknownModel
+
+
+class APIError(Exception):
+    """An error answered the OpenAI way: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return p.ErrorResponse(error=p.ErrorBody(message=self.message, type=self.type, param=self.param,
+                                                 code=self.code)).model_dump()
+
+
+@dataclass
+class _Meter:
+    """Timing of one request, turned into metrics once it ends."""
+
+    resolved: Resolved
+    started: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def on_event(self, event: GenerationEvent) -> None:
+        self.prompt_tokens = event.prompt_tokens
+        new = sum(len(d.token_ids) for d in event.deltas)
+        if not new:
+            return
+        now = time.perf_counter()
+        labels = self._labels()
+        if self.last_token is None:
+            metrics.time_to_first_token.labels(*labels).observe(now - self.started)
+        else:
+            # A delta may carry several tokens; spread the gap evenly over them.
+            for _ in range(new):
+                metrics.inter_token_latency.labels(*labels).observe((now - self.last_token) / new)
+        self.last_token = now
+        self.completion_tokens += new
+
+    def finish(self, status: int) -> None:
+        labels = self._labels()
+        metrics.requests_total.labels(*labels, str(status)).inc()
+        metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
+        metrics.prompt_tokens.labels(*labels).inc(self.prompt_tokens)
+        metrics.generation_tokens.labels(*labels).inc(self.completion_tokens)
+
+    def usage(self) -> p.Usage:
+        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                       total_tokens=self.prompt_tokens + self.completion_tokens)
+
+    def _labels(self) -> tuple[str, str, str]:
+        return self.resolved.model, self.resolved.version_label, self.resolved.base
+
+
+@dataclass
+class Submission:
+    """A request ready for the engine: what serves it and how to meter it."""
+
+    resolved: Resolved
+    request: GenerationRequest
+    meter: _Meter
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, resolver: Resolver, max_in_flight: int):
+        self.engine = engine
+        self.resolver = resolver
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    # -- building a submission ------------------------------------------------------------------------
+    def resolve(self, model: str) -> Resolved:
+        try:
+            return self.resolver.resolve(model)
+        except UnknownModel:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def submit_completion(self, req: p.CompletionRequest) -> Submission:
+        resolved = self.resolve(req.model)
+        if isinstance(req.prompt, str):
+            ids = self.engine.tokenizer(req.prompt)["input_ids"]
+        else:
+            ids = list(req.prompt)
+        return self._submission(resolved, ids, req, req.max_tokens or 16, req.logprobs, "cmpl")
+
+    def submit_chat(self, req: p.ChatCompletionRequest) -> Submission:
+        resolved = self.resolve(req.model)
+        messages = [m.model_dump() for m in req.messages]
+        text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its BOS
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, self.engine.max_model_len - len(ids))
+        return self._submission(resolved, ids, req, max_tokens, logprobs, "chatcmpl")
+
+    def _submission(self, resolved: Resolved, ids: list[int], req, max_tokens: int, logprobs: int | None,
+                    prefix: str) -> Submission:
+        limit = self.engine.max_model_len
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        if len(ids) + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in the "
+                                f"completion). Please reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        sampling = SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                  stop=req.stop_list(), n=req.n, logprobs=logprobs)
+        adapter = resolved.patch.adapter() if resolved.patch else None
+        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter)
+        return Submission(resolved, request, _Meter(resolved))
+
+    # -- running it -----------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Count the request in, or refuse it with 503 when the gateway holds as many as it may."""
+        if self.in_flight >= self.max_in_flight:
+            raise APIError(503, "The server is overloaded; retry shortly.", type_="server_overloaded",
+                           code="overloaded", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def waiting(self) -> int:
+        """Requests admitted but not yet running in the engine."""
+        return max(0, self.in_flight - self.engine.running())
+
+    async def events(self, sub: Submission) -> AsyncIterator[GenerationEvent]:
+        # aclosing: a cancelled consumer closes the engine's stream at once, which aborts the request.
+        async with aclosing(self.engine.generate(sub.request)) as stream:
+            async for event in stream:
+                sub.meter.on_event(event)
+                yield event
+
+    async def complete(self, sub: Submission, chat: bool) -> dict:
+        """Run a request to its end and return the whole response body."""
+        n = sub.request.sampling.n
+        texts, finish = [""] * n, [None] * n
+        logprobs: list[list] = [[] for _ in range(n)]
+        async for event in self.events(sub):
+            for d in event.deltas:
+                texts[d.index] += d.text
+                finish[d.index] = d.finish_reason or finish[d.index]
+                logprobs[d.index] += d.logprobs or []
+        want_logprobs = sub.request.sampling.logprobs is not None
+        model = sub.resolved.model
+        if chat:
+            choices = [p.ChatChoice(index=i, message=p.ChatResponseMessage(content=texts[i]), finish_reason=finish[i],
+                                    logprobs=_chat_logprobs(logprobs[i]) if want_logprobs else None)
+                       for i in range(n)]
+            body = p.ChatCompletionResponse(id=sub.request.request_id, model=model, choices=choices,
+                                            usage=sub.meter.usage())
+        else:
+            choices = [p.CompletionChoice(index=i, text=texts[i], finish_reason=finish[i],
+                                          logprobs=_completion_logprobs(logprobs[i]) if want_logprobs else None)
+                       for i in range(n)]
+            body = p.CompletionResponse(id=sub.request.request_id, model=model, choices=choices,
+                                        usage=sub.meter.usage())
+        return body.model_dump(exclude_none=False)
+
+    async def stream(self, sub: Submission, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per engine event, then usage if asked, then [DONE]."""
+        rid, model = sub.request.request_id, sub.resolved.model
+        want_logprobs = sub.request.sampling.logprobs is not None
+        if chat:
+            first = p.ChatCompletionChunk(id=rid, model=model, choices=[
+                p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")) for i in
+                range(sub.request.sampling.n)])
+            yield _sse(first.model_dump(exclude_none=True))
+        async for event in self.events(sub):
+            if chat:
+                chunk = p.ChatCompletionChunk(id=rid, model=model, choices=[
+                    p.ChatChunkChoice(index=d.index, delta=p.ChatDelta(content=d.text), finish_reason=d.finish_reason,
+                                      logprobs=_chat_logprobs(d.logprobs or []) if want_logprobs else None)
+                    for d in event.deltas])
+            else:
+                chunk = p.CompletionResponse(id=rid, model=model, choices=[
+                    p.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                       logprobs=_completion_logprobs(d.logprobs or []) if want_logprobs else None)
+                    for d in event.deltas])
+            yield _sse(chunk.model_dump(exclude_none=True))
+        if include_usage:
+            cls = p.ChatCompletionChunk if chat else p.CompletionResponse
+            yield _sse(cls(id=rid, model=model, choices=[], usage=sub.meter.usage()).model_dump(exclude_none=True))
+        yield "data: [DONE]\n\n"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _completion_logprobs(entries: list) -> p.CompletionLogprobs:
+    out = p.CompletionLogprobs()
+    offset = 0
+    for e in entries:
+        out.tokens.append(e.token)
+        out.token_logprobs.append(e.logprob)
+        out.top_logprobs.append(e.top)
+        out.text_offset.append(offset)
+        offset += len(e.token)
+    return out
+
+
+def _chat_logprobs(entries: list) -> p.ChatChoiceLogprobs:
+    return p.ChatChoiceLogprobs(content=[
+        p.ChatLogprobEntry(token=e.token, logprob=e.logprob,
+                           top_logprobs=[{"token": t, "logprob": lp} for t, lp in e.top.items()])
+        for e in entries])

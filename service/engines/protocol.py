@@ -1,0 +1,102 @@
+"""What every engine takes and reports, so the gateway serves and measures them identically."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter as engines know it: a unique engine-side name (`patch@version`) and its directory."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None  # how many top alternatives to report per token; None: none
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingConfig
+    adapter: AdapterRef | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OutputDelta:
+    """What one of a request's `n` outputs added since the last event."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" or "length" once this output is finished
+
+
+@dataclass
+class GenerationEvent:
+    deltas: list[OutputDelta]
+    prompt_tokens: int
+    finished: bool  # every output of the request is finished
+
+
+@dataclass
+class EngineHooks:
+    """Places inside the forward pass for later layers (side-memory router, KV-cache compression).
+
+    Engines accept them at construction; today both lists are empty.
+    """
+
+    forward_pre: list[Callable[[torch.nn.Module], None]] = field(default_factory=list)
+    kv_cache: list[Callable[[object], object]] = field(default_factory=list)
+
+
+class EngineOverloaded(Exception):
+    """The engine cannot take another request now; the gateway answers 503 with Retry-After."""
+
+
+class Engine(Protocol):
+    name: str
+    max_model_len: int
+
+    @property
+    def tokenizer(self): ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream events until every output is finished; closing the iterator aborts the request."""
+        ...
+
+    async def add_adapter(self, adapter: AdapterRef) -> None: ...
+
+    async def remove_adapter(self, name: str) -> None: ...
+
+    def running(self) -> int:
+        """Requests the engine is generating for now."""
+        ...
+
+    def adapters(self) -> list[str]: ...

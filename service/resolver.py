@@ -1,0 +1,73 @@
+"""Resolves a request's `model` to what serves it: a base, and a patch version or none.
+
+`model` is a base (`tiny`, `base-v1`), an alias (`sentiment` → its active version), or a pinned
+version (`sentiment@1`). The resolver holds plain data; where it comes from (the kit's files
+today, the registry later) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from service.engines.protocol import AdapterRef
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class PatchVersion:
+    patch: str
+    version: int
+    base: str
+    path: str
+
+    @property
+    def engine_name(self) -> str:
+        # Every version has its own engine name, never reloaded in place: no cache can mix versions.
+        return f"{self.patch}@{self.version}"
+
+    def adapter(self) -> AdapterRef:
+        return AdapterRef(name=self.engine_name, path=self.path)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model: str  # the name as registered (the metrics' `alias` label)
+    base: str
+    patch: PatchVersion | None
+
+    @property
+    def served_by(self) -> str:
+        """The `x-patchserve-served-by` header: the versions that served the request."""
+        return f"base={self.base}; patch={self.patch.engine_name if self.patch else 'none'}"
+
+    @property
+    def version_label(self) -> str:
+        return str(self.patch.version) if self.patch else "none"
+
+
+@dataclass
+class Resolver:
+    bases: dict[str, str] = field(default_factory=dict)  # served name → base version
+    versions: dict[str, dict[int, PatchVersion]] = field(default_factory=dict)  # patch → version → it
+    aliases: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias → (patch, version)
+
+    def resolve(self, model: str) -> Resolved:
+        """The versions that serve `model` now; raises UnknownModel."""
+        if model in self.bases:
+            return Resolved(model=model, base=self.bases[model], patch=None)
+        if model in self.aliases:
+            patch, version = self.aliases[model]
+            pv = self.versions[patch][version]
+            return Resolved(model=model, base=pv.base, patch=pv)
+        name, sep, number = model.partition("@")
+        if sep and number.isdigit() and int(number) in self.versions.get(name, {}):
+            pv = self.versions[name][int(number)]
+            return Resolved(model=name, base=pv.base, patch=pv)  # the label stays bounded: no "@N"
+        raise UnknownModel(model)
+
+    def models(self) -> list[str]:
+        """Names `GET /v1/models` lists: bases and aliases."""
+        return sorted(self.bases) + sorted(self.aliases)

@@ -1,0 +1,57 @@
+"""A live gateway for tests: `patchserve serve` in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.prometheus_server import free_port
+
+
+class GatewayProcess:
+    def __init__(self, kit_dir: Path, engine: str, logdir: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = logdir / f"gateway-{engine}-{self.port}.log"
+        self.env = {**os.environ, "PATCHSERVE_KIT_DIR": str(kit_dir), "PATCHSERVE_ENGINE": engine,
+                    "PATCHSERVE_PORT": str(self.port), "PATCHSERVE_LOG_LEVEL": "WARNING", **env}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240) -> "GatewayProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"gateway not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels`, read from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible API, driven over HTTP with the official `openai` client, on both engines.
+
+Every greedy answer must equal the transformers+PEFT reference computed here from the kit's files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from service.kit.evaluate import greedy_generate
+from tests.conftest import read_jsonl
+from tests.gateway_server import GatewayProcess
+
+ENGINES = ["vllm", "transformers"]
+PATCHES = ["sentiment", "reverse", "qa"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def gateway(request, kit_dir, tmp_path_factory):
+    server = GatewayProcess(kit_dir, request.param, tmp_path_factory.mktemp("gateway")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(kit_dir):
+    """Greedy completions from transformers+PEFT, by model name and prompt."""
+    tok = AutoTokenizer.from_pretrained(kit_dir / "base-v1")
+    base = AutoModelForCausalLM.from_pretrained(kit_dir / "base-v1", dtype=torch.float32).eval()
+    models = {"tiny": base}
+    for name in PATCHES:
+        models[name] = PeftModel.from_pretrained(copy.deepcopy(base), kit_dir / "patches" / name).eval()
+    cache: dict[tuple[str, str], str] = {}
+
+    def complete(model: str, prompt: str) -> str:
+        if (model, prompt) not in cache:
+            ids = greedy_generate(models[model], tok, [prompt], max_new_tokens=MAX_TOKENS)[0]
+            cache[(model, prompt)] = tok.decode(ids, skip_special_tokens=True)
+        return cache[(model, prompt)]
+
+    def chat(model: str, messages: list[dict]) -> str:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        out = models[model].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=MAX_TOKENS, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    complete.chat = chat
+    return complete
+
+
+def client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+def prompts(kit_dir, task: str, count: int = 4) -> list[str]:
+    return [row["prompt"] for row in read_jsonl(kit_dir / "eval" / f"{task}.jsonl")[:count]]
+
+
+def test_models_lists_bases_and_aliases(gateway):
+    ids = {m.id for m in client(gateway).models.list()}
+    assert {"tiny", *PATCHES} <= ids
+
+
+@pytest.mark.parametrize("model", ["tiny", *PATCHES])
+def test_completion_matches_reference(gateway, kit_dir, reference, model):
+    task = model if model in PATCHES else "sentiment"
+    for prompt in prompts(kit_dir, task):
+        raw = client(gateway).completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                                   temperature=0)
+        out = raw.parse()
+        assert out.choices[0].text == reference(model, prompt)
+        assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens >= 1
+        patch = f"{model}@1" if model in PATCHES else "none"
+        assert raw.headers["x-patchserve-served-by"] == f"base=base-v1; patch={patch}"
+
+
+@pytest.mark.parametrize("model", ["tiny", "reverse"])
+def test_streaming_completion_matches_reference(gateway, kit_dir, reference, model):
+    prompt = prompts(kit_dir, "reverse", 1)[0]
+    chunks = list(client(gateway).completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reference(model, prompt)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_stream_is_server_sent_events_ending_in_done(gateway):
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", timeout=60,
+                      json={"model": "sentiment", "prompt": "Review: good\nSentiment:", "max_tokens": 4,
+                            "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-patchserve-served-by"] == "base=base-v1; patch=sentiment@1"
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["tiny", "qa"])
+def test_chat_matches_reference(gateway, reference, model, stream):
+    messages = [{"role": "user", "content": "Question: Where does Kelmar live?"}]
+    c = client(gateway)
+    if stream:
+        chunks = list(c.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                                stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    else:
+        out = c.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        text = out.choices[0].message.content
+        assert out.choices[0].message.role == "assistant" and out.usage.total_tokens > 0
+    assert text == reference.chat(model, messages)
+
+
+def test_32_concurrent_requests_over_three_patches_and_the_base(gateway, kit_dir, reference):
+    jobs = []
+    for i in range(32):
+        model = ["tiny", *PATCHES][i % 4]
+        task = model if model in PATCHES else "qa"
+        jobs.append((model, prompts(kit_dir, task, 8)[i // 4]))
+
+    async def run() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        outs = await asyncio.gather(*(c.completions.create(model=m, prompt=p, max_tokens=MAX_TOKENS, temperature=0)
+                                      for m, p in jobs))
+        await c.close()
+        return [o.choices[0].text for o in outs]
+
+    answers = asyncio.run(run())
+    wrong = [(m, p, a) for (m, p), a in zip(jobs, answers) if a != reference(m, p)]
+    assert not wrong, wrong[:3]
+
+
+def test_sampling_options(gateway):
+    c = client(gateway)
+    args = dict(model="tiny", prompt="Kelmar", max_tokens=8, temperature=1.0, top_p=0.9)
+    a = c.completions.create(seed=7, **args).choices[0].text
+    b = c.completions.create(seed=7, **args).choices[0].text
+    assert a == b, "the same seed gives the same sample"
+    two = c.completions.create(n=2, seed=3, **args)
+    assert sorted(ch.index for ch in two.choices) == [0, 1]
+    stopped = c.completions.create(model="reverse", prompt="Reverse: red blue green\nOutput:", max_tokens=8,
+                                   temperature=0, stop=[" blue"])
+    assert stopped.choices[0].text == " green" and stopped.choices[0].finish_reason == "stop"
+    lp = c.completions.create(model="sentiment", prompt="Review: good great kind\nSentiment:", max_tokens=3,
+                              temperature=0, logprobs=2)
+    assert lp.choices[0].logprobs.tokens and len(lp.choices[0].logprobs.tokens) == lp.usage.completion_tokens
+    assert all(p <= 0 for p in lp.choices[0].logprobs.token_logprobs)
+
+
+def test_errors_the_openai_way(gateway):
+    c = client(gateway)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="x", max_tokens=10_000)
+    assert "maximum context length" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="word " * 400, max_tokens=1)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny", prompt="x", max_tokens=0)
+    r = httpx.post(f"{gateway.url}/v1/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_disconnect_mid_stream_aborts_generation(gateway):
+    before = gateway.metric("patchserve_requests_total", alias="tiny", status="499")
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "Kelmar", "max_tokens": 240, "temperature": 1.0,
+                            "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # The client is gone: the engine must stop working on the request, long before 240 tokens.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if gateway.metric("patchserve_requests_total", alias="tiny", status="499") > before:
+            break
+        time.sleep(0.1)
+    assert gateway.metric("patchserve_requests_total", alias="tiny", status="499") == before + 1
+    assert gateway.metric("patchserve_running_requests") == 0
+
+
+def test_health_and_readiness(gateway):
+    assert httpx.get(f"{gateway.url}/healthz", timeout=5).json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway.url}/readyz", timeout=15).json()
+    assert ready["status"] == "ready" and set(ready["adapters"]) == {f"{p}@1" for p in PATCHES}
