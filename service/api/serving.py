@@ -179,28 +179,30 @@ class OpenAIServing:
 
     async def stream(self, sub: Submission, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per engine event, then usage if asked, then [DONE]."""
-        rid, model = sub.request.request_id, sub.resolved.model
+        # Chunks are plain dicts on this hot path (one per token): the shapes are those of
+        # protocol.CompletionResponse / ChatCompletionChunk, without a model object per token.
+        head = {"id": sub.request.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": sub.resolved.model}
         want_logprobs = sub.request.sampling.logprobs is not None
         if chat:
-            first = p.ChatCompletionChunk(id=rid, model=model, choices=[
-                p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content="")) for i in
-                range(sub.request.sampling.n)])
-            yield _sse(first.model_dump(exclude_none=True))
+            yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}
+                                            for i in range(sub.request.sampling.n)]})
         async for event in self.events(sub):
-            if chat:
-                chunk = p.ChatCompletionChunk(id=rid, model=model, choices=[
-                    p.ChatChunkChoice(index=d.index, delta=p.ChatDelta(content=d.text), finish_reason=d.finish_reason,
-                                      logprobs=_chat_logprobs(d.logprobs or []) if want_logprobs else None)
-                    for d in event.deltas])
-            else:
-                chunk = p.CompletionResponse(id=rid, model=model, choices=[
-                    p.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
-                                       logprobs=_completion_logprobs(d.logprobs or []) if want_logprobs else None)
-                    for d in event.deltas])
-            yield _sse(chunk.model_dump(exclude_none=True))
+            choices = []
+            for d in event.deltas:
+                choice = {"index": d.index, "finish_reason": d.finish_reason}
+                if chat:
+                    choice["delta"] = {"content": d.text}
+                    if want_logprobs:
+                        choice["logprobs"] = _chat_logprobs(d.logprobs or []).model_dump()
+                else:
+                    choice["text"] = d.text
+                    if want_logprobs:
+                        choice["logprobs"] = _completion_logprobs(d.logprobs or []).model_dump()
+                choices.append(choice)
+            yield _sse({**head, "choices": choices})
         if include_usage:
-            cls = p.ChatCompletionChunk if chat else p.CompletionResponse
-            yield _sse(cls(id=rid, model=model, choices=[], usage=sub.meter.usage()).model_dump(exclude_none=True))
+            yield _sse({**head, "choices": [], "usage": sub.meter.usage().model_dump()})
         yield "data: [DONE]\n\n"
 
 
