@@ -14,8 +14,10 @@ SERVED = "alias, version, base"
 DASHBOARDS = {
     "serving": ("patchserve — Serving", "Is the service answering, how fast, and for whom?", [
         ("Requests/s by alias and version", f"sum by ({SERVED}) (rate(patchserve_requests_total[1m]))", "reqps"),
+        # `or … * 0` keeps a zero line for aliases without errors instead of no data at all.
         ("Error ratio (5xx) by alias",
-         'sum by (alias) (rate(patchserve_requests_total{status=~"5.."}[1m])) '
+         '(sum by (alias) (rate(patchserve_requests_total{status=~"5.."}[1m])) '
+         "or sum by (alias) (rate(patchserve_requests_total[1m])) * 0) "
          "/ clamp_min(sum by (alias) (rate(patchserve_requests_total[1m])), 1e-9)", "percentunit"),
         ("Responses by status", "sum by (status) (rate(patchserve_requests_total[1m]))", "reqps"),
         ("End-to-end latency p50",
@@ -35,9 +37,9 @@ DASHBOARDS = {
     "patches": ("patchserve — Patches and versions", "Which version does each alias serve, and what is loaded?", [
         ("Active version per alias", "patchserve_alias_active_info == 1", "short"),
         ("Adapters resident per engine", "patchserve_adapters_resident", "short"),
-        ("Adapter load time p50",
-         'histogram_quantile(0.5, sum by (le, engine) '
-         '(rate(patchserve_adapter_operation_duration_seconds_bucket{operation="load"}[5m])))', "s"),
+        ("Adapter load and unload time (mean since start)",
+         "sum by (engine, operation) (patchserve_adapter_operation_duration_seconds_sum) "
+         "/ sum by (engine, operation) (patchserve_adapter_operation_duration_seconds_count)", "s"),
         ("Requests/s by version", "sum by (alias, version) (rate(patchserve_requests_total[1m]))", "reqps"),
     ]),
 }
@@ -69,7 +71,9 @@ def dashboard(uid: str, title: str, description: str, panels: list) -> dict:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).parent / "dashboards"
+    import sys
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "dashboards"
     for uid, (title, description, panels) in DASHBOARDS.items():
         (out / f"{uid}.json").write_text(json.dumps(dashboard(uid, title, description, panels), indent=2) + "\n")
         print(f"wrote {out / f'{uid}.json'}")
