@@ -206,3 +206,25 @@ def test_health_and_readiness(gateway):
     assert httpx.get(f"{gateway.url}/healthz", timeout=5).json() == {"status": "ok"}
     ready = httpx.get(f"{gateway.url}/readyz", timeout=15).json()
     assert ready["status"] == "ready" and set(ready["adapters"]) == {f"{p}@1" for p in PATCHES}
+
+
+def test_overload_answers_503_with_retry_after(kit_dir, tmp_path):
+    """The admission limit is the gateway's, the same for both engines: shown on the quicker to start."""
+    server = GatewayProcess(kit_dir, "transformers", tmp_path, PATCHSERVE_MAX_IN_FLIGHT="2").start()
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(f"{server.url}/v1/completions", json={
+                "model": "tiny", "prompt": "Kelmar", "max_tokens": 100, "temperature": 1.0}) for _ in range(16)))
+
+    try:
+        answers = asyncio.run(burst())
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "server_overloaded"
+        # Once the burst is over the gateway admits again.
+        assert client(server).completions.create(model="tiny", prompt="x", max_tokens=1).choices
+    finally:
+        server.stop()
