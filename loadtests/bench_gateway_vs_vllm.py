@@ -65,7 +65,7 @@ def workload(kit: Path, requests: int) -> list[dict]:
     for i in range(requests):
         model = MODELS[i % len(MODELS)]
         jobs.append({"model": model, "prompt": prompts[model][i % len(prompts[model])], "max_tokens": 48,
-                     "temperature": 1.0, "seed": i, "stream": True, "stream_options": {"include_usage": True}})
+                     "temperature": 1.0, "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
     return jobs
 
 

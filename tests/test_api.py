@@ -162,6 +162,9 @@ def test_sampling_options(gateway):
                               temperature=0, logprobs=2)
     assert lp.choices[0].logprobs.tokens and len(lp.choices[0].logprobs.tokens) == lp.usage.completion_tokens
     assert all(p <= 0 for p in lp.choices[0].logprobs.token_logprobs)
+    long = c.completions.create(model="sentiment", prompt="Review: good great kind\nSentiment:", max_tokens=6,
+                                temperature=0, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 6 and long.choices[0].finish_reason == "length"
 
 
 def test_errors_the_openai_way(gateway):
@@ -188,7 +191,7 @@ def test_disconnect_mid_stream_aborts_generation(gateway):
     before = gateway.metric("patchserve_requests_total", alias="tiny", status="499")
     with httpx.stream("POST", f"{gateway.url}/v1/completions", timeout=60,
                       json={"model": "tiny", "prompt": "Kelmar", "max_tokens": 240, "temperature": 1.0,
-                            "stream": True}) as r:
+                            "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
@@ -215,7 +218,8 @@ def test_overload_answers_503_with_retry_after(kit_dir, tmp_path):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as c:
             return await asyncio.gather(*(c.post(f"{server.url}/v1/completions", json={
-                "model": "tiny", "prompt": "Kelmar", "max_tokens": 100, "temperature": 1.0}) for _ in range(16)))
+                "model": "tiny", "prompt": "Kelmar", "max_tokens": 100, "temperature": 1.0, "ignore_eos": True})
+                for _ in range(16)))
 
     try:
         answers = asyncio.run(burst())

@@ -21,6 +21,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past EOS up to max_tokens
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -124,7 +124,7 @@ class OpenAIServing:
                                 f"completion). Please reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                  stop=req.stop_list(), n=req.n, logprobs=logprobs)
+                                  stop=req.stop_list(), n=req.n, logprobs=logprobs, ignore_eos=req.ignore_eos)
         adapter = resolved.patch.adapter() if resolved.patch else None
         request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter)
         return Submission(resolved, request, _Meter(resolved))

@@ -26,6 +26,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     n: int = 1
     logprobs: int | None = None  # how many top alternatives to report per token; None: none
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (load tests, as in vLLM)
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ class TransformersEngine:
                 continue
             token = row.tokens[-1]
             text = self._tokenizer.decode(row.tokens, skip_special_tokens=True)
-            if token == eos:
+            if token == eos and not s.ignore_eos:
                 row.finish = "stop"
             hit = min((text.find(stop) for stop in s.stop if stop in text), default=-1)
             if hit >= 0:

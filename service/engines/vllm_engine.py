@@ -92,7 +92,8 @@ class VLLMEngine:
         s = request.sampling
         params = SamplingParams(
             n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            stop=list(s.stop) or None, logprobs=s.logprobs, output_kind=RequestOutputKind.DELTA,
+            stop=list(s.stop) or None, logprobs=s.logprobs, ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
         )
         lora = None
         if request.adapter is not None:
