@@ -117,7 +117,11 @@ class TransformersEngine:
             return
         started = time.perf_counter()
         with self._lock:
-            self.model.delete_adapter(name)
+            if len(self._adapters) == 1:
+                # PEFT cannot run with no adapter left: unwrap back to the plain base model.
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
             del self._adapters[name]
         metrics.adapter_operation_duration.labels(self.name, "unload").observe(time.perf_counter() - started)
 
