@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from tests.process_ready import wait_ready
 from tests.prometheus_server import free_port
 
 
@@ -25,17 +25,8 @@ class GatewayProcess:
     def start(self, timeout: float = 240) -> "GatewayProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"gateway not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+        wait_ready(self.proc, f"{self.url}/readyz", self.log_path, timeout, "gateway")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import yaml
+
+from tests.process_ready import wait_ready
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 
@@ -42,15 +43,8 @@ class PrometheusServer:
             [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=subprocess.DEVNULL, stderr=(self.workdir / "prometheus.log").open("w"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"prometheus did not start: {(self.workdir / 'prometheus.log').read_text()[-2000:]}")
+        wait_ready(self.proc, f"{self.url}/-/ready", self.workdir / "prometheus.log", 30, "prometheus")
+        return self
 
     def query(self, expr: str) -> dict:
         """The API's answer to an instant query (status, data or error)."""
