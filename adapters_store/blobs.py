@@ -1,7 +1,8 @@
 """Content-addressed blobs: a file's name is its sha256, and no reader ever sees half of one.
 
-Writes go to a temporary file in the store, are fsynced, then renamed into place (rename is
-atomic on one filesystem); the directory is fsynced so the rename survives a crash too.
+Writes go to a temporary file on the same filesystem as the store, are fsynced, then renamed into
+`root/sha256/<2 hex>/<digest>` (rename is atomic on one filesystem); the directory is fsynced so the
+rename itself survives a crash. A digest is only ever a name for the bytes that hash to it.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# A file inside a materialized version: a plain name, never a path or a hidden file.
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CHUNK = 1 << 20
 
 
 class BlobStore(Protocol):
-    """What the registry needs of a blob store; a local directory today, S3-compatible storage next."""
+    """What the registry and engines need of a blob store: a local directory today, S3-compatible storage next.
 
-    def put_stream(self, stream: BinaryIO, max_bytes: int | None = None) -> str: ...
+    Every method takes or returns a sha256 hex digest; `open` yields exactly the bytes that hash to it.
+    """
 
-    def put_bytes(self, data: bytes) -> str: ...
+    def put_file(self, stream: BinaryIO, max_bytes: int | None = None, expected: str | None = None) -> str: ...
+
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str: ...
 
     def open(self, digest: str) -> BinaryIO: ...
 
@@ -34,12 +40,16 @@ class BlobStore(Protocol):
 
 
 class BlobTooLarge(ValueError):
-    pass
+    """The stream was longer than the caller's limit; nothing was stored."""
+
+
+class DigestMismatch(ValueError):
+    """The bytes do not hash to the digest they were announced (or stored) under."""
 
 
 def check_digest(digest: str) -> str:
-    """`digest` if it is a sha256 hex string; anything else (a path, say) is refused."""
-    if not _DIGEST.match(digest):
+    """`digest` if it is a lower-case sha256 hex string; anything else (a path, say) is refused."""
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
         raise ValueError(f"not a sha256 digest: {digest!r}")
     return digest
 
@@ -53,19 +63,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalBlobStore:
+    """Blobs in a local directory: `root/sha256/ab/abcdef…`, temporary files in `root/tmp`."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        # The temp directory sits inside the root so that the final rename never crosses filesystems.
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
 
-    def path(self, digest: str) -> Path:
+    def path_of(self, digest: str) -> Path:
+        """Where the blob `digest` lives (whether or not it exists)."""
         check_digest(digest)
         return self.root / "sha256" / digest[:2] / digest
 
-    def put_stream(self, stream: BinaryIO, max_bytes: int | None = None) -> str:
-        """Store what `stream` holds; returns its sha256. Refuses (BlobTooLarge) past `max_bytes`."""
+    def put_file(self, stream: BinaryIO, max_bytes: int | None = None, expected: str | None = None) -> str:
+        """Store what `stream` holds and return its sha256; idempotent for identical content.
+
+        Raises BlobTooLarge past `max_bytes`, DigestMismatch if the content does not hash to `expected`;
+        in both cases nothing is stored and no temporary file is left behind.
+        """
+        if expected is not None:
+            check_digest(expected)
         h, size = hashlib.sha256(), 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -78,8 +99,10 @@ class LocalBlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             digest = h.hexdigest()
-            final = self.path(digest)
-            if final.exists():  # same content, same name: nothing to write
+            if expected is not None and digest != expected:
+                raise DigestMismatch(f"content hashes to {digest}, not {expected}")
+            final = self.path_of(digest)
+            if final.is_file():  # same content, same name: nothing to write
                 return digest
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
@@ -88,41 +111,69 @@ class LocalBlobStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_bytes(self, data: bytes) -> str:
-        return self.put_stream(io.BytesIO(data))
+    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
+        """Store `data` and return its sha256."""
+        return self.put_file(io.BytesIO(data), expected=expected)
 
     def open(self, digest: str) -> BinaryIO:
-        return self.path(digest).open("rb")
+        """The blob's bytes for reading; FileNotFoundError if there is none."""
+        return self.path_of(digest).open("rb")
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        """Whether the blob is stored."""
+        return self.path_of(digest).is_file()
 
     def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
+        """Remove the blob (no error if it is already gone)."""
+        self.path_of(digest).unlink(missing_ok=True)
+
+    def verify(self, digest: str) -> bool:
+        """Whether the stored bytes still hash to `digest` (a check for disk corruption)."""
+        with self.open(digest) as f:
+            return _sha256_of(f) == digest
+
+
+def _sha256_of(stream: BinaryIO) -> str:
+    h = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def materialize(store: BlobStore, files: dict[str, str], dest: Path) -> Path:
-    """Lay out `files` ({file name: digest}) as directory `dest`, atomically; an existing `dest` is kept.
+    """Lay out `files` ({file name: digest}) as the directory `dest`, atomically, for an engine to load.
 
-    Engines load adapters from directories; a version's directory never changes once made.
+    The directory is built beside `dest`, each file checked against its digest while copied, then
+    renamed into place, so an engine never loads a partial or corrupted version. A version never
+    changes once made, so an existing `dest` is returned as it is.
     """
+    dest = Path(dest)
     if dest.is_dir():
         return dest
+    for name, digest in files.items():
+        if not _FILE_NAME.match(name) or name in {".", ".."}:
+            raise ValueError(f"not a plain file name: {name!r}")
+        check_digest(digest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         for name, digest in files.items():
-            if "/" in name or name.startswith("."):
-                raise ValueError(f"not a plain file name: {name!r}")
+            h = hashlib.sha256()
             with store.open(digest) as src, (tmp / name).open("wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-        os.rename(tmp, dest)
+            if h.hexdigest() != digest:
+                raise DigestMismatch(f"blob {digest} is corrupted: its bytes hash to {h.hexdigest()}")
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process made it first, with the same content
+                raise
         _fsync_dir(dest.parent)
-    except OSError:
-        if not dest.is_dir():  # else another process made it first, with the same content
-            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

