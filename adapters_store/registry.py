@@ -111,7 +111,7 @@ if ARGV[9] ~= '*' and ARGV[9] ~= from_ref then
 end
 local at = tonumber(ARGV[8])
 local pointer = cjson.encode({alias=ARGV[1], patch=ARGV[2], version=tonumber(ARGV[3]), base=base,
-                              updated_at=at, updated_by=ARGV[5]})
+                              updated_at=at, updated_by=ARGV[5], action=ARGV[7]})
 redis.call('HSET', KEYS[2], ARGV[1], pointer)
 redis.call('RPUSH', KEYS[3], cjson.encode({
   at=at, action=ARGV[7], actor=ARGV[5], reason=ARGV[6],
@@ -171,6 +171,7 @@ class AliasPointer:
     base: str
     updated_at: float
     updated_by: str
+    action: str = "activate"  # the move that set it: activate, rollback, auto_rollback
 
     @property
     def ref(self) -> str:
@@ -441,6 +442,11 @@ class Registry:
     def alias_history(self, alias: str) -> list[HistoryEntry]:
         """Every move of `alias`, oldest first."""
         return [_history_from(json.loads(x)) for x in self.r.lrange(self._k("alias", alias, "history"), 0, -1)]
+
+    def last_move(self, alias: str) -> HistoryEntry | None:
+        """The latest move of `alias` (what a rollback would undo), or None."""
+        raw = self.r.lindex(self._k("alias", alias, "history"), -1)
+        return _history_from(json.loads(raw)) if raw else None
 
     # -- audit and events ----------------------------------------------------------------------------
     def audit(self, limit: int = 100, since: str | float | None = None) -> list[AuditEntry]:

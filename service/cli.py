@@ -66,26 +66,56 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Address to listen on (default: settings.host)."),
     port: Optional[int] = typer.Option(None, help="Port to listen on (default: settings.port)."),
 ) -> None:
-    """Build the kit if needed, then serve it: base-v1 as `tiny`, and the kit's patches by name."""
+    """Serve the base with every alias at its recorded version (the kit's patches on first start)."""
     import uvicorn
 
     from service import logs
     from service.api.app import create_app
     from service.engines import create_engine
-    from service.kit_models import kit_resolver
 
     settings = get_settings()
     logs.configure(settings.log_level, settings.log_json)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level)  # quiet by default, like ours
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
     manifest = ensure_kit(settings.kit_path, settings.kit_seed)
-    resolver = kit_resolver(settings.kit_path, manifest)
-    engine = create_engine(settings, str(settings.kit_path / "base-v1"))
-    app = create_app(settings, engine, resolver)
-    console.print(f"patchserve: {engine.name} engine, models {', '.join(resolver.models())} "
+    store = open_store(settings)
+    if settings.seed_kit:
+        from service.kit_models import seed_registry
+
+        seed_registry(store.registry, store.blobs, settings.kit_path, manifest)
+    base = store.registry.get_base(settings.base)
+    if base is None or not base.path:
+        raise typer.BadParameter(f"base {settings.base!r} is not registered with a path")
+    admin_key = _first_admin_key(store, settings)
+    engine = create_engine(settings, base.path)
+    app = create_app(settings, engine, store)
+    aliases = ", ".join(f"{p.alias}→{p.ref}" for p in store.registry.list_aliases()) or "none"
+    console.print(f"patchserve: {engine.name} engine, base {settings.base}, aliases {aliases} "
                   f"on http://{host or settings.host}:{port or settings.port}")
+    if admin_key:
+        console.print(f"[bold]admin key (shown once; kept in {settings.data_dir / 'admin.key'}):[/] {admin_key}")
     uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
                 timeout_graceful_shutdown=5)
+
+
+def open_store(settings):
+    """The registry, blob store and key store on the configured (or embedded) Redis."""
+    from adapters_store.blobs import LocalBlobStore
+    from adapters_store.keys import ApiKeyStore
+    from adapters_store.redis_server import connect, redis_url
+    from adapters_store.registry import Registry
+    from service.api.app import Store
+
+    client = connect(settings)
+    url = redis_url(settings) or "redis://{host}:{port}/0".format(**client.connection_pool.connection_kwargs)
+    return Store(registry=Registry(client, settings.redis_prefix), blobs=LocalBlobStore(settings.blob_path),
+                 keys=ApiKeyStore(client, settings.redis_prefix), redis_url=url)
+
+
+def _first_admin_key(store, settings) -> str | None:
+    from service.api.auth import ensure_admin_key
+
+    return ensure_admin_key(store.keys, settings.data_dir)
 
 
 if __name__ == "__main__":

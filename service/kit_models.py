@@ -1,17 +1,43 @@
-"""The models the gateway serves from the kit's files, until the store registers them."""
+"""The kit's models in the registry: base-v1 registered, each kit patch uploaded once as version 1 of an alias.
+
+Run at every start on embedded defaults; it changes nothing once done, so a restarted gateway keeps
+whatever the operators did since (later versions, rollbacks). Seeding runs under a Redis lock so two
+replicas starting together do not both create version 1.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from service.resolver import PatchVersion, Resolver
+from adapters_store.blobs import BlobStore
+from adapters_store.registry import Registry
+from adapters_store.validation import base_module_shapes
+
+KIT_BASE = "base-v1"
 
 
-def kit_resolver(kit: Path, manifest: dict) -> Resolver:
-    """base-v1 as `tiny` (and `base-v1`); each kit patch as version 1 under an alias of its name."""
-    resolver = Resolver(bases={"tiny": "base-v1", "base-v1": "base-v1"})
-    for name, patch in manifest["patches"].items():
-        version = PatchVersion(patch=name, version=1, base=patch["base"], path=str(kit / patch["path"]))
-        resolver.versions[name] = {1: version}
-        resolver.aliases[name] = (name, 1)
-    return resolver
+def register_kit_base(registry: Registry, kit: Path, manifest: dict, name: str = KIT_BASE) -> None:
+    """Record a kit base (its directory and module shapes) in the registry; idempotent."""
+    path = kit / name
+    config = json.loads((path / "config.json").read_text())
+    # The kit's hash goes in meta, not in the compared details: a rebuilt kit in the same data dir is the
+    # same base to the registry (its patches were rebuilt with it).
+    registry.register_base(name, "kit", path=str(path), module_shapes=base_module_shapes(config),
+                           meta={"source": "kit", "kit_hash": manifest["kit_hash"]}, actor="kit")
+
+
+def seed_registry(registry: Registry, blobs: BlobStore, kit: Path, manifest: dict) -> None:
+    """Register base-v1 and, for each kit patch never seeded, version 1 from the kit's files and its alias."""
+    with registry.r.lock(registry.prefix + "lock:seed", timeout=60, blocking_timeout=60):
+        register_kit_base(registry, kit, manifest)
+        for name, patch in manifest["patches"].items():
+            if registry.list_versions(name) or registry.get_alias(name):
+                continue  # seeded before: whatever happened since is the operators' to keep
+            files = {}
+            for path in sorted((kit / patch["path"]).iterdir()):
+                with path.open("rb") as f:
+                    files[path.name] = blobs.put_file(f)
+            version = registry.create_version(name, patch["base"], files, {"source": "kit"}, actor="kit",
+                                              reason="seeded from the kit")
+            registry.activate(name, name, version.version, actor="kit", reason="seeded from the kit")

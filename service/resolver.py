@@ -1,15 +1,13 @@
 """Resolves a request's `model` to what serves it: a base, and a patch version or none.
 
 `model` is a base (`tiny`, `base-v1`), an alias (`sentiment` → its active version), or a pinned
-version (`sentiment@1`). The resolver holds plain data; where it comes from (the kit's files
-today, the registry later) is the caller's business.
+version (`sentiment@1`). The resolver holds plain data, this replica's view of the registry:
+`registry_sync` keeps it current, and moves an alias here only once its version is loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from service.engines.protocol import AdapterRef
 
 
 class UnknownModel(LookupError):
@@ -21,15 +19,12 @@ class PatchVersion:
     patch: str
     version: int
     base: str
-    path: str
+    files: dict[str, str]  # file name → blob digest
 
     @property
     def engine_name(self) -> str:
         # Every version has its own engine name, never reloaded in place: no cache can mix versions.
         return f"{self.patch}@{self.version}"
-
-    def adapter(self) -> AdapterRef:
-        return AdapterRef(name=self.engine_name, path=self.path)
 
 
 @dataclass(frozen=True)
@@ -67,6 +62,13 @@ class Resolver:
             pv = self.versions[name][int(number)]
             return Resolved(model=name, base=pv.base, patch=pv)  # the label stays bounded: no "@N"
         raise UnknownModel(model)
+
+    def pointer(self, alias: str) -> PatchVersion | None:
+        """The version `alias` serves now, or None."""
+        if alias not in self.aliases:
+            return None
+        patch, version = self.aliases[alias]
+        return self.versions[patch][version]
 
     def models(self) -> list[str]:
         """Names `GET /v1/models` lists: bases and aliases."""

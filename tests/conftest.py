@@ -75,3 +75,44 @@ def store_registry(store_redis_url):
     if keys:
         client.delete(*keys)
     client.close()
+
+
+# -- live gateways: one per engine for the whole session, started when first asked for ---------------------
+ENGINES = ["vllm", "transformers"]
+# Small upload limit on the shared gateways, so the refusal table can send an oversized file cheaply.
+GATEWAY_MAX_UPLOAD_BYTES = 2 << 20
+
+
+class Gateways:
+    """The session's shared gateways by engine; each on its own data dir and embedded Redis."""
+
+    def __init__(self, kit_dir: Path, workdir: Path):
+        self.kit_dir, self.workdir = kit_dir, workdir
+        self._running: dict = {}
+
+    def get(self, engine: str):
+        from tests.gateway_server import GatewayProcess
+
+        if engine not in self._running:
+            logdir = self.workdir / engine
+            logdir.mkdir(parents=True, exist_ok=True)
+            self._running[engine] = GatewayProcess(
+                self.kit_dir, engine, logdir, PATCHSERVE_MAX_UPLOAD_BYTES=str(GATEWAY_MAX_UPLOAD_BYTES)).start()
+        return self._running[engine]
+
+    def stop(self) -> None:
+        for server in self._running.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateways(kit_dir, tmp_path_factory):
+    pool = Gateways(kit_dir, tmp_path_factory.mktemp("gateways"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(params=ENGINES)
+def gateway(request, gateways):
+    """A live `patchserve serve` on each engine (shared by the session: change only what you create)."""
+    return gateways.get(request.param)

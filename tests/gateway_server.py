@@ -14,13 +14,33 @@ from tests.prometheus_server import free_port
 
 
 class GatewayProcess:
+    """A gateway on its own data dir; with no PATCHSERVE_REDIS_URL in `env`, on its own embedded Redis."""
+
     def __init__(self, kit_dir: Path, engine: str, logdir: Path, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = logdir / f"gateway-{engine}-{self.port}.log"
+        self.data_dir = Path(env.pop("PATCHSERVE_DATA_DIR", logdir / "data"))
         self.env = {**os.environ, "PATCHSERVE_KIT_DIR": str(kit_dir), "PATCHSERVE_ENGINE": engine,
-                    "PATCHSERVE_PORT": str(self.port), "PATCHSERVE_LOG_LEVEL": "WARNING", **env}
+                    "PATCHSERVE_PORT": str(self.port), "PATCHSERVE_LOG_LEVEL": "WARNING",
+                    "PATCHSERVE_DATA_DIR": str(self.data_dir), "PATCHSERVE_REDIS_PORT": str(free_port()), **env}
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def admin_key(self) -> str:
+        """The admin key this gateway (or the first replica on its data dir) generated at first start."""
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    def admin(self, key: str | None = None) -> httpx.Client:
+        """An HTTP client for /admin with the admin key."""
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {key or self.admin_key}"},
+                            timeout=60)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown handler runs."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def start(self, timeout: float = 240) -> "GatewayProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,

@@ -21,16 +21,8 @@ from service.kit.evaluate import greedy_generate
 from tests.conftest import read_jsonl
 from tests.gateway_server import GatewayProcess
 
-ENGINES = ["vllm", "transformers"]
 PATCHES = ["sentiment", "reverse", "qa"]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="session", params=ENGINES)
-def gateway(request, kit_dir, tmp_path_factory):
-    server = GatewayProcess(kit_dir, request.param, tmp_path_factory.mktemp("gateway")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="session")

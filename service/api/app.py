@@ -8,35 +8,60 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters_store.blobs import BlobStore
+from adapters_store.keys import ApiKeyStore
+from adapters_store.registry import Registry, RegistryError
+from adapters_store.validation import Limits, ValidationError
 from service import metrics
+from service.adapter_pool import AdapterPool
 from service.api import protocol as p
+from service.api.admin import admin_router
+from service.api.auth import require_inference
 from service.api.serving import APIError, OpenAIServing, Submission
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
+from service.patch_admin import PatchAdmin
+from service.registry_sync import RegistrySync
 from service.resolver import Resolver
 from service.settings import Settings
 
 log = logging.getLogger("patchserve.api")
 SERVED_BY = "x-patchserve-served-by"
+_CODES = {400: "invalid_request", 404: "not_found", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+          422: "unprocessable"}
 
 
-def create_app(settings: Settings, engine: Engine, resolver: Resolver) -> FastAPI:
-    """The gateway over `engine`, resolving models with `resolver`; the engine starts with the app."""
-    serving = OpenAIServing(engine, resolver, settings.max_in_flight)
+@dataclass
+class Store:
+    """The registry's parts a gateway is built on (adapters_store)."""
+
+    registry: Registry
+    blobs: BlobStore
+    keys: ApiKeyStore
+    redis_url: str
+
+
+def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
+    """The gateway over `engine`, following the registry in `store`; the engine starts with the app."""
+    resolver = Resolver(bases={name: settings.base for name in (settings.base, *settings.base_aliases)})
+    pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
+    sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s)
+    patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
+                         Limits.from_settings(settings), settings.base)
+    serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        patches.clear_staging()
         await engine.start()
-        # Every version an alias points at is loaded before the first request can ask for it.
-        for patch, version in resolver.aliases.values():
-            await engine.add_adapter(resolver.versions[patch][version].adapter())
-        for alias, (patch, version) in resolver.aliases.items():
-            metrics.alias_active.labels(alias, patch, str(version), resolver.versions[patch][version].base).set(1)
+        # Every alias at its recorded version, loaded, before the first request is admitted.
+        await sync.start()
         # Gauges read at scrape time, so they are never stale.
         metrics.running_requests.labels(engine.name).set_function(engine.running)
         metrics.queue_depth.labels(engine.name).set_function(serving.waiting)
@@ -44,10 +69,21 @@ def create_app(settings: Settings, engine: Engine, resolver: Resolver) -> FastAP
         metrics.engine_ready.labels(engine.name).set(1)
         yield
         metrics.engine_ready.labels(engine.name).set(0)
+        await sync.stop()
         await engine.stop()
 
     app = FastAPI(title="patchserve", lifespan=lifespan)
     app.state.serving = serving
+    app.state.keys = store.keys
+    app.state.sync = sync
+    app.include_router(admin_router(store.registry, patches, store.keys, settings.max_upload_bytes))
+    inference = [Depends(require_inference)]
+
+    @app.exception_handler(RegistryError)
+    @app.exception_handler(ValidationError)
+    async def refused(_: Request, exc: RegistryError | ValidationError) -> JSONResponse:
+        error = APIError(exc.status_code, exc.message, param=getattr(exc, "field", None), code=_CODES.get(exc.status_code))
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -80,20 +116,22 @@ def create_app(settings: Settings, engine: Engine, resolver: Resolver) -> FastAP
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=inference)
     async def models() -> p.ModelList:
         cards = [p.ModelCard(id=name, root=resolver.resolve(name).base) for name in resolver.models()]
         return p.ModelList(data=cards)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=inference)
     async def completions(req: p.CompletionRequest, raw: Request) -> Response:
+        include_usage = _include_usage(await raw.body())
         return await _serve(serving, serving.submit_completion(req), chat=False, stream=req.stream,
-                            include_usage=_include_usage(await raw.body()))
+                            include_usage=include_usage)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=inference)
     async def chat_completions(req: p.ChatCompletionRequest, raw: Request) -> Response:
+        include_usage = _include_usage(await raw.body())
         return await _serve(serving, serving.submit_chat(req), chat=True, stream=req.stream,
-                            include_usage=_include_usage(await raw.body()))
+                            include_usage=include_usage)
 
     return app
 
@@ -104,7 +142,7 @@ def _include_usage(body: bytes) -> bool:
 
 
 async def _serve(serving: OpenAIServing, sub: Submission, chat: bool, stream: bool, include_usage: bool) -> Response:
-    serving.admit()
+    await serving.admit(sub)
     headers = {SERVED_BY: sub.resolved.served_by}
     if not stream:
         status = 500
@@ -114,7 +152,7 @@ async def _serve(serving: OpenAIServing, sub: Submission, chat: bool, stream: bo
             return JSONResponse(body, headers=headers)
         finally:
             sub.meter.finish(status)
-            serving.release()
+            serving.release(sub)
 
     async def events() -> AsyncIterator[str]:
         status = 499  # a client that goes away mid-stream
@@ -129,7 +167,7 @@ async def _serve(serving: OpenAIServing, sub: Submission, chat: bool, stream: bo
             yield "data: [DONE]\n\n"
         finally:
             sub.meter.finish(status)
-            serving.release()
+            serving.release(sub)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 

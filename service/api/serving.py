@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from service import metrics
 from service.api import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
+from service.adapter_pool import AdapterPool
 from service.resolver import Resolved, Resolver, UnknownModel
 
 
@@ -83,9 +84,10 @@ class Submission:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, resolver: Resolver, max_in_flight: int):
+    def __init__(self, engine: Engine, resolver: Resolver, pool: AdapterPool, max_in_flight: int):
         self.engine = engine
         self.resolver = resolver
+        self.pool = pool
         self.max_in_flight = max_in_flight
         self.in_flight = 0
 
@@ -125,20 +127,37 @@ class OpenAIServing:
                            param="max_tokens", code="context_length_exceeded")
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                   stop=req.stop_list(), n=req.n, logprobs=logprobs, ignore_eos=req.ignore_eos)
-        adapter = resolved.patch.adapter() if resolved.patch else None
+        adapter = self.pool.ref(resolved.patch) if resolved.patch else None
         request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter)
         return Submission(resolved, request, _Meter(resolved))
 
     # -- running it -----------------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Count the request in, or refuse it with 503 when the gateway holds as many as it may."""
+    async def admit(self, sub: Submission) -> None:
+        """Count the request in and hold its patch version until `release`; 503 when the gateway is full.
+
+        Called right after resolving, with no await in between: the lease is taken before any alias
+        move or unload can run, so the request is served by the version it was admitted with.
+        """
         if self.in_flight >= self.max_in_flight:
             raise APIError(503, "The server is overloaded; retry shortly.", type_="server_overloaded",
                            code="overloaded", headers={"Retry-After": "1"})
         self.in_flight += 1
+        patch = sub.resolved.patch
+        if patch is None:
+            return
+        self.pool.acquire(patch.engine_name)
+        try:
+            await self.pool.ensure(patch)  # resident already unless pinned to an old version
+        except Exception as exc:
+            self.release(sub)
+            raise APIError(503, f"The version {patch.engine_name} could not be loaded: {exc}",
+                           type_="server_error", code="adapter_unavailable", headers={"Retry-After": "1"}) from exc
 
-    def release(self) -> None:
+    def release(self, sub: Submission) -> None:
+        """The request is over: its slot and its lease on the patch version are given back."""
         self.in_flight -= 1
+        if sub.resolved.patch is not None:
+            self.pool.release(sub.resolved.patch.engine_name)
 
     def waiting(self) -> int:
         """Requests admitted but not yet running in the engine."""

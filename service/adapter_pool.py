@@ -1,0 +1,106 @@
+"""Which patch versions are loaded in the engine, and when one may leave.
+
+A request holds a lease on the version it was admitted with until its last token; a version is
+removed from the engine only when no lease is left and it is no longer wanted (not active, not the
+previous version of an alias, which stays resident so a rollback is only a pointer move). Loads and
+unloads of one version are serialised by a per-version lock, so a request that arrives while its
+version is being unloaded waits and has it loaded again rather than failing.
+
+Everything here runs on the gateway's event loop; leases are plain counters (no awaits between
+resolving a request and taking its lease, so no unload can slip in between).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters_store.blobs import BlobStore, materialize
+from service.engines.protocol import AdapterRef, Engine
+from service.resolver import PatchVersion
+
+log = logging.getLogger("patchserve.adapters")
+
+
+@dataclass
+class _Slot:
+    leases: int = 0
+    loaded: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class AdapterPool:
+    """The engine's resident adapters, with leases held by requests and a set of versions to keep."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore, versions_dir: Path):
+        self.engine = engine
+        self.blobs = blobs
+        self.versions_dir = Path(versions_dir)
+        self._slots: dict[str, _Slot] = {}
+        self._wanted: dict[str, PatchVersion] = {}
+
+    def _slot(self, name: str) -> _Slot:
+        return self._slots.setdefault(name, _Slot())
+
+    def resident(self) -> list[str]:
+        """Engine names of the versions loaded now."""
+        return sorted(n for n, s in self._slots.items() if s.loaded)
+
+    def ref(self, version: PatchVersion) -> AdapterRef:
+        """How a request names `version` to the engine."""
+        return AdapterRef(name=version.engine_name, path=str(self.versions_dir / version.engine_name))
+
+    def leases(self, name: str) -> int:
+        """Requests holding `name` now."""
+        slot = self._slots.get(name)
+        return slot.leases if slot else 0
+
+    async def ensure(self, version: PatchVersion) -> None:
+        """Load `version` into the engine if it is not there (materialising its files from the blob store)."""
+        slot = self._slot(version.engine_name)
+        if slot.loaded:
+            return
+        async with slot.lock:
+            if slot.loaded:
+                return
+            ref = self.ref(version)
+            await asyncio.to_thread(materialize, self.blobs, version.files, Path(ref.path))
+            await self.engine.add_adapter(ref)
+            slot.loaded = True
+            log.info("adapter loaded", extra={"fields": {"adapter": version.engine_name}})
+
+    def acquire(self, name: str) -> None:
+        """Take a lease: `name` stays loaded until the matching release."""
+        self._slot(name).leases += 1
+
+    def release(self, name: str) -> None:
+        """Give a lease back; the last one out of an unwanted version unloads it."""
+        slot = self._slots[name]
+        slot.leases -= 1
+        if slot.leases == 0 and name not in self._wanted:
+            asyncio.get_running_loop().create_task(self._unload_if_idle(name))
+
+    async def keep(self, wanted: dict[str, PatchVersion]) -> None:
+        """Make exactly `wanted` (engine name → version) the versions kept resident: load them, unload idle others."""
+        self._wanted = dict(wanted)
+        for version in wanted.values():
+            await self.ensure(version)
+        for name in [n for n, s in self._slots.items() if n not in wanted and s.leases == 0]:
+            await self._unload_if_idle(name)
+
+    async def _unload_if_idle(self, name: str) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            return
+        async with slot.lock:
+            # Checked under the lock: a request may have taken a lease while we waited for it.
+            if slot.leases or name in self._wanted:
+                return
+            if slot.loaded:
+                await self.engine.remove_adapter(name)
+                slot.loaded = False
+                log.info("adapter unloaded", extra={"fields": {"adapter": name}})
+            if not slot.leases and self._slots.get(name) is slot:
+                del self._slots[name]

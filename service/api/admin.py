@@ -1,0 +1,162 @@
+"""The admin API under `/admin`: patches and versions, aliases (activate, roll back), audit log, API keys.
+
+Every route needs an admin key. Refusals are OpenAI-shaped errors with the status the store or the
+validation chose (400 malformed, 401/403 keys, 404 unknown, 409 conflicts, 413 too large, 415 pickle,
+422 incompatible with the base or the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.registry import Registry
+from service.api import admin_protocol as a
+from service.api.auth import require_admin
+from service.api.serving import APIError
+from service.patch_admin import PatchAdmin
+
+_FORM_FIELDS = {"base", "reason"}
+_MULTIPART_SLACK = 256 << 10  # boundaries, part headers, the config file and form fields
+
+
+def _actor(key: ApiKey) -> str:
+    return f"key:{key.name}:{key.id}"
+
+
+def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max_upload_bytes: int) -> APIRouter:
+    """The `/admin` routes over one replica's registry, patch operations and key store."""
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    # -- bases and patches ----------------------------------------------------------------------------
+    @router.get("/bases")
+    async def bases() -> list[a.Base]:
+        return [a.Base(**vars(b)) for b in await asyncio.to_thread(registry.list_bases)]
+
+    @router.get("/patches")
+    async def patches_list() -> list[a.Patch]:
+        return await asyncio.to_thread(lambda: [_patch(registry, n) for n in registry.list_patches()])
+
+    @router.get("/patches/{name}")
+    async def patch_show(name: str) -> a.Patch:
+        if name not in await asyncio.to_thread(registry.list_patches):
+            raise APIError(404, f"no patch {name!r}", code="not_found")
+        return await asyncio.to_thread(_patch, registry, name)
+
+    @router.post("/patches/{name}/versions", status_code=201)
+    async def upload(name: str, request: Request, key: ApiKey = Depends(require_admin)) -> JSONResponse:
+        """Multipart: the files `adapter_config.json` and `adapter_model.safetensors`; fields `base`, `reason`."""
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_upload_bytes + _MULTIPART_SLACK:
+            raise APIError(413, f"the upload is {length} bytes; the limit is {max_upload_bytes}", code="too_large")
+        try:
+            form = await request.form(max_files=4, max_fields=8)
+        except MultiPartException as exc:
+            raise APIError(400, f"not a valid multipart upload: {exc.message}") from None
+        try:
+            parts, fields = [], {}
+            for field, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    parts.append((value.filename or field, value.file))
+                elif field in _FORM_FIELDS:
+                    fields[field] = value
+                else:
+                    raise APIError(400, f"unknown form field {field!r}; known: files, "
+                                        f"{', '.join(sorted(_FORM_FIELDS))}", param=field)
+            record = await patches.upload(name, parts, fields.get("base"), _actor(key), fields.get("reason", ""))
+        finally:
+            await form.close()
+        return JSONResponse(a.Version.of(record).model_dump(), status_code=201,
+                            headers={"location": f"/admin/patches/{name}/versions/{record.version}"})
+
+    @router.get("/patches/{name}/versions/{version}")
+    async def version_show(name: str, version: int) -> a.Version:
+        record = await asyncio.to_thread(registry.get_version, name, version)
+        if record is None:
+            raise APIError(404, f"no version {name}@{version}", code="not_found")
+        return a.Version.of(record)
+
+    @router.delete("/patches/{name}/versions/{version}")
+    async def version_delete(name: str, version: int, reason: str = "",
+                             key: ApiKey = Depends(require_admin)) -> a.Version:
+        return a.Version.of(await patches.delete(name, version, _actor(key), reason))
+
+    # -- aliases --------------------------------------------------------------------------------------
+    @router.get("/aliases")
+    async def aliases() -> list[a.Alias]:
+        return [a.Alias.of(p) for p in await asyncio.to_thread(registry.list_aliases)]
+
+    @router.get("/aliases/{alias}")
+    async def alias_show(alias: str) -> a.AliasDetail:
+        pointer, history = await asyncio.to_thread(lambda: (registry.get_alias(alias), registry.alias_history(alias)))
+        if pointer is None:
+            raise APIError(404, f"no alias {alias!r}", code="not_found")
+        moves = [a.AliasMove(at=h.at, action=h.action, actor=h.actor, reason=h.reason, from_ref=h.from_ref,
+                             to_ref=h.to_ref, to_base=h.to_base) for h in history]
+        return a.AliasDetail(**a.Alias.of(pointer).model_dump(), history=moves)
+
+    @router.post("/aliases/{alias}/activate")
+    async def activate(alias: str, body: a.ActivateRequest, key: ApiKey = Depends(require_admin)) -> a.Alias:
+        pointer = await patches.activate(alias, body.patch or alias, body.version, _actor(key), body.reason)
+        return a.Alias.of(pointer)
+
+    @router.post("/aliases/{alias}/rollback")
+    async def rollback(alias: str, body: a.RollbackRequest | None = None,
+                       key: ApiKey = Depends(require_admin)) -> a.Alias:
+        body = body or a.RollbackRequest()
+        return a.Alias.of(await patches.rollback(alias, body.version, _actor(key), body.reason))
+
+    # -- audit and keys -------------------------------------------------------------------------------
+    @router.get("/audit")
+    async def audit(limit: int = Query(100, ge=1, le=10_000), since: str | None = None) -> list[a.AuditEntry]:
+        entries = await asyncio.to_thread(registry.audit, limit, _since(since))
+        return [a.AuditEntry(**vars(e)) for e in entries]
+
+    @router.get("/keys")
+    async def keys_list() -> list[a.Key]:
+        return [a.Key(**_public(k)) for k in await asyncio.to_thread(keys.list)]
+
+    @router.post("/keys", status_code=201)
+    async def key_create(body: a.KeyRequest, key: ApiKey = Depends(require_admin)) -> a.NewKey:
+        try:
+            record, secret = await asyncio.to_thread(keys.create, body.role, body.name, _actor(key))
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return a.NewKey(**_public(record), key=secret)
+
+    @router.delete("/keys/{key_id}")
+    async def key_revoke(key_id: str, key: ApiKey = Depends(require_admin)) -> dict:
+        if key_id == key.id:
+            raise APIError(409, "a key cannot revoke itself; use another admin key", code="conflict")
+        if not await asyncio.to_thread(keys.revoke, key_id):
+            raise APIError(404, f"no key {key_id!r}", code="not_found")
+        return {"id": key_id, "revoked": True}
+
+    return router
+
+
+def _patch(registry: Registry, name: str) -> a.Patch:
+    pointing = [p.alias for p in registry.list_aliases() if p.patch == name]
+    return a.Patch(name=name, versions=[a.Version.of(v) for v in registry.list_versions(name)], aliases=pointing)
+
+
+def _public(key: ApiKey) -> dict:
+    return {"id": key.id, "name": key.name, "role": key.role, "created_at": key.created_at,
+            "created_by": key.created_by}
+
+
+def _since(since: str | None) -> str | float | None:
+    # An audit entry id ("1700000000000-0") reads after that entry; a number is a Unix time in seconds.
+    if since is None or "-" in since:
+        return since
+    try:
+        return float(since)
+    except ValueError:
+        raise APIError(400, "since must be an audit entry id or a Unix time in seconds", param="since") from None
+
+

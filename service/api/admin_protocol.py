@@ -1,0 +1,111 @@
+"""Request and response bodies of the admin API (`/admin`). Requests refuse unknown fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActivateRequest(_Request):
+    version: int = Field(ge=1)
+    patch: str | None = None  # default: the patch named like the alias
+    reason: str = Field("", max_length=1000)
+
+
+class RollbackRequest(_Request):
+    version: int | None = Field(None, ge=1)  # default: the version before the last move
+    reason: str = Field("", max_length=1000)
+
+
+class KeyRequest(_Request):
+    role: str
+    name: str
+
+
+class Version(BaseModel):
+    name: str
+    version: int
+    ref: str
+    base: str
+    files: dict[str, str]
+    origin: str
+    parents: list[str]
+    meta: dict
+    created_at: float
+    created_by: str
+
+    @classmethod
+    def of(cls, record) -> "Version":
+        return cls(**{**asdict(record), "parents": list(record.parents)}, ref=record.ref)
+
+
+class Patch(BaseModel):
+    name: str
+    versions: list[Version]
+    aliases: list[str]  # aliases pointing at one of its versions now
+
+
+class Alias(BaseModel):
+    alias: str
+    patch: str
+    version: int
+    ref: str
+    base: str
+    updated_at: float
+    updated_by: str
+    action: str
+
+    @classmethod
+    def of(cls, pointer) -> "Alias":
+        return cls(**asdict(pointer), ref=pointer.ref)
+
+
+class AliasMove(BaseModel):
+    at: float
+    action: str
+    actor: str
+    reason: str
+    from_ref: str
+    to_ref: str
+    to_base: str
+
+
+class AliasDetail(Alias):
+    history: list[AliasMove]
+
+
+class AuditEntry(BaseModel):
+    id: str
+    at: float
+    action: str
+    actor: str
+    target: str
+    from_ref: str
+    to_ref: str
+    reason: str
+
+
+class Base(BaseModel):
+    name: str
+    version: str
+    path: str | None
+    module_shapes: dict[str, tuple[int, int]]
+    meta: dict
+    created_at: float
+
+
+class Key(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: float
+    created_by: str
+
+
+class NewKey(Key):
+    key: str  # shown once, never stored

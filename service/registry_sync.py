@@ -1,0 +1,186 @@
+"""Keeps this replica's resolver and engine in step with the registry: events, plus a periodic reconcile.
+
+The registry's pub/sub event says *that* something changed; what changed is always read back from
+Redis, so events that arrive late or out of order can never move an alias backwards. A missed event
+is repaired by the reconcile that runs every `reconcile_interval_s`. An alias is moved here only after
+its new version is loaded, so no request is ever admitted on a version the engine lacks; the version it
+leaves stays resident (the alias's previous version) so that a rollback is a pointer move.
+
+All state changes happen on the event loop under one lock; Redis calls run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from adapters_store.registry import AliasPointer, Registry
+from service import metrics
+from service.adapter_pool import AdapterPool
+from service.resolver import PatchVersion, Resolver
+
+log = logging.getLogger("patchserve.sync")
+
+
+def _reason(pointer: AliasPointer) -> str:
+    # A bounded label: who moved it, not the free-text reason (which the audit log keeps).
+    return "automatic" if pointer.action == "auto_rollback" else "operator"
+
+
+def _local(record) -> PatchVersion:
+    return PatchVersion(patch=record.name, version=record.version, base=record.base, files=dict(record.files))
+
+
+class RegistrySync:
+    """Applies the registry's aliases and versions to one replica's resolver and adapter pool."""
+
+    def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
+                 redis_url: str, interval_s: float = 1.0):
+        self.registry = registry
+        self.resolver = resolver
+        self.pool = pool
+        self.served_base = served_base
+        self.redis_url = redis_url
+        self.interval_s = interval_s
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self.last_reconcile = 0.0
+
+    async def start(self) -> None:
+        """Apply the registry's state once (aliases at their recorded versions), then follow it."""
+        await self.reconcile()
+        self._tasks = [asyncio.create_task(self._listen(), name="registry-events"),
+                       asyncio.create_task(self._periodic(), name="registry-reconcile")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        """Read versions and every alias pointer from Redis and apply whatever differs here."""
+        try:
+            snapshot, versions, previous = await asyncio.to_thread(self._read_all)
+        except redis.RedisError as exc:
+            metrics.redis_up.set(0)
+            log.warning("registry unreachable; serving the last known state", extra={"fields": {"error": str(exc)}})
+            return
+        metrics.redis_up.set(1)
+        async with self._lock:
+            self.resolver.versions = versions
+            for alias in [a for a in self.resolver.aliases if a not in snapshot]:
+                self._forget(alias)
+            for pointer in snapshot.values():
+                await self._apply(pointer)
+            await self._keep(previous)
+        self.last_reconcile = time.time()
+
+    async def sync_alias(self, alias: str) -> None:
+        """Read one alias's pointer back from Redis and apply it (after a move here or an event)."""
+        pointer, record = await asyncio.to_thread(self._read_alias, alias)
+        async with self._lock:
+            if record is not None:
+                self.resolver.versions.setdefault(record.name, {})[record.version] = _local(record)
+            if pointer is None:
+                self._forget(alias)
+            else:
+                await self._apply(pointer)
+            await self._keep(await asyncio.to_thread(self._previous_versions))
+
+    # -- reading (in a thread) ------------------------------------------------------------------------
+    def _read_all(self):
+        snapshot = self.registry.snapshot()
+        versions = {name: {v.version: _local(v) for v in self.registry.list_versions(name)}
+                    for name in self.registry.list_patches()}
+        return snapshot, versions, self._previous_versions(snapshot)
+
+    def _read_alias(self, alias: str):
+        pointer = self.registry.get_alias(alias)
+        record = self.registry.get_version(pointer.patch, pointer.version) if pointer else None
+        return pointer, record
+
+    def _previous_versions(self, snapshot: dict[str, AliasPointer] | None = None) -> list[PatchVersion]:
+        """Each alias's previous version (what a rollback would return to), kept resident for a fast rollback."""
+        out = []
+        for alias in snapshot or self.registry.snapshot():
+            last = self.registry.last_move(alias)
+            if last and last.from_patch:
+                record = self.registry.get_version(last.from_patch, last.from_version)
+                if record is not None and record.base == self.served_base:
+                    out.append(_local(record))
+        return out
+
+    # -- applying (on the loop, under the lock) -------------------------------------------------------
+    async def _apply(self, pointer: AliasPointer) -> None:
+        if self.resolver.aliases.get(pointer.alias) == (pointer.patch, pointer.version):
+            return
+        if pointer.base != self.served_base:
+            # Another base's engine serves it (base upgrades); this replica does not host that base.
+            log.warning("alias on a base this gateway does not serve",
+                        extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
+            return
+        version = self.resolver.versions.setdefault(pointer.patch, {}).get(pointer.version)
+        if version is None:
+            record = await asyncio.to_thread(self.registry.get_version, pointer.patch, pointer.version)
+            if record is None:
+                return
+            version = self.resolver.versions[pointer.patch][pointer.version] = _local(record)
+        await self.pool.ensure(version)  # loaded first …
+        before = self.resolver.pointer(pointer.alias)
+        self.resolver.aliases[pointer.alias] = (pointer.patch, pointer.version)  # … then the alias moves here
+        if before is not None:
+            metrics.alias_active.remove(pointer.alias, before.patch, str(before.version), before.base)
+            metrics.hot_swaps.labels(pointer.alias, pointer.action, _reason(pointer)).inc()
+        metrics.alias_active.labels(pointer.alias, pointer.patch, str(pointer.version), pointer.base).set(1)
+        log.info("alias moved", extra={"fields": {"alias": pointer.alias, "to": pointer.ref,
+                                                  "from": before.engine_name if before else None}})
+
+    def _forget(self, alias: str) -> None:
+        before = self.resolver.pointer(alias)
+        self.resolver.aliases.pop(alias, None)
+        if before is not None:
+            metrics.alias_active.remove(alias, before.patch, str(before.version), before.base)
+
+    async def _keep(self, previous: list[PatchVersion]) -> None:
+        wanted = {v.engine_name: v for v in previous if v.version in self.resolver.versions.get(v.patch, {})}
+        for alias in self.resolver.aliases:
+            active = self.resolver.pointer(alias)
+            wanted[active.engine_name] = active
+        await self.pool.keep(wanted)
+
+    # -- following ------------------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        while True:
+            try:
+                client = aioredis.Redis.from_url(self.redis_url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.registry.channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            await self._on_event(json.loads(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone: the periodic reconcile covers the gap; retry the channel
+                log.warning("registry events lost; resubscribing", extra={"fields": {"error": repr(exc)}})
+                await asyncio.sleep(self.interval_s)
+
+    async def _on_event(self, event: dict) -> None:
+        if event.get("type") == "alias_moved":
+            await self.sync_alias(event["alias"])
+        elif event.get("type") in ("version_created", "version_deleted"):
+            await self.reconcile()
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed")
