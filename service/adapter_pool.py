@@ -52,10 +52,9 @@ class AdapterPool:
         """How a request names `version` to the engine."""
         return AdapterRef(name=version.engine_name, path=str(self.versions_dir / version.engine_name))
 
-    def leases(self, name: str) -> int:
-        """Requests holding `name` now."""
-        slot = self._slots.get(name)
-        return slot.leases if slot else 0
+    def leases_held(self) -> dict[str, int]:
+        """Engine name → requests holding it now (only names with at least one)."""
+        return {n: s.leases for n, s in self._slots.items() if s.leases}
 
     async def ensure(self, version: PatchVersion) -> None:
         """Load `version` into the engine if it is not there (materialising its files from the blob store)."""

@@ -64,14 +64,16 @@ class RegistrySync:
 
     async def reconcile(self) -> None:
         """Read versions and every alias pointer from Redis and apply whatever differs here."""
-        try:
-            snapshot, versions, previous = await asyncio.to_thread(self._read_all)
-        except redis.RedisError as exc:
-            metrics.redis_up.set(0)
-            log.warning("registry unreachable; serving the last known state", extra={"fields": {"error": str(exc)}})
-            return
-        metrics.redis_up.set(1)
+        # Read under the lock: a snapshot read before another apply and applied after it would move an alias back.
         async with self._lock:
+            try:
+                snapshot, versions, previous = await asyncio.to_thread(self._read_all)
+            except redis.RedisError as exc:
+                metrics.redis_up.set(0)
+                log.warning("registry unreachable; serving the last known state",
+                            extra={"fields": {"error": str(exc)}})
+                return
+            metrics.redis_up.set(1)
             self.resolver.versions = versions
             for alias in [a for a in self.resolver.aliases if a not in snapshot]:
                 self._forget(alias)
@@ -82,15 +84,15 @@ class RegistrySync:
 
     async def sync_alias(self, alias: str) -> None:
         """Read one alias's pointer back from Redis and apply it (after a move here or an event)."""
-        pointer, record = await asyncio.to_thread(self._read_alias, alias)
         async with self._lock:
+            pointer, record, previous = await asyncio.to_thread(self._read_alias, alias)
             if record is not None:
                 self.resolver.versions.setdefault(record.name, {})[record.version] = _local(record)
             if pointer is None:
                 self._forget(alias)
             else:
                 await self._apply(pointer)
-            await self._keep(await asyncio.to_thread(self._previous_versions))
+            await self._keep(previous)
 
     # -- reading (in a thread) ------------------------------------------------------------------------
     def _read_all(self):
@@ -102,7 +104,7 @@ class RegistrySync:
     def _read_alias(self, alias: str):
         pointer = self.registry.get_alias(alias)
         record = self.registry.get_version(pointer.patch, pointer.version) if pointer else None
-        return pointer, record
+        return pointer, record, self._previous_versions()
 
     def _previous_versions(self, snapshot: dict[str, AliasPointer] | None = None) -> list[PatchVersion]:
         """Each alias's previous version (what a rollback would return to), kept resident for a fast rollback."""

@@ -23,7 +23,7 @@ from service import metrics
 from service.adapter_pool import AdapterPool
 from service.api import protocol as p
 from service.api.admin import admin_router
-from service.api.auth import require_inference
+from service.api.auth import require_admin, require_inference
 from service.api.serving import APIError, OpenAIServing, Submission
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
 from service.patch_admin import PatchAdmin
@@ -111,6 +111,13 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
             return JSONResponse({"status": "not ready", "reason": repr(exc)}, status_code=503)
         metrics.engine_ready.labels(engine.name).set(1)
         return JSONResponse({"status": "ready", "engine": engine.name, "adapters": engine.adapters()})
+
+    @app.get("/admin/replica", dependencies=[Depends(require_admin)])
+    async def replica() -> dict:
+        """What this replica serves now, read at one instant (no engine round trip, unlike /readyz)."""
+        aliases = {alias: resolver.pointer(alias).engine_name for alias in resolver.aliases}
+        return {"engine": engine.name, "base": settings.base, "aliases": aliases, "adapters": engine.adapters(),
+                "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -186,22 +186,24 @@ class TransformersEngine:
         names = [r.job.request.adapter.name if r.job.request.adapter else BASE for r in rows]
         max_steps = max(r.job.request.sampling.max_tokens for r in rows)
         past = None
-        with self._lock:
-            extra = {"adapter_names": names} if self._adapters else {}
-            for _ in range(max_steps):
+        for _ in range(max_steps):
+            # The lock is taken per step, not per batch: an adapter can be loaded (or an idle one removed)
+            # between two steps, so an activation never waits for a long batch to end.
+            with self._lock:
+                extra = {"adapter_names": names} if self._adapters else {}
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                next_ids = []
-                for b, row in enumerate(rows):
-                    token = self._pick(row, logits[b]) if row.finish is None else self._tokenizer.pad_token_id
-                    next_ids.append(token)
-                    if row.finish is None:
-                        row.tokens.append(token)
-                self._emit(rows, logits)
-                if all(r.finish is not None for r in rows):
-                    break
-                ids = torch.tensor(next_ids).unsqueeze(1)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            next_ids = []
+            for b, row in enumerate(rows):
+                token = self._pick(row, logits[b]) if row.finish is None else self._tokenizer.pad_token_id
+                next_ids.append(token)
+                if row.finish is None:
+                    row.tokens.append(token)
+            self._emit(rows, logits)
+            if all(r.finish is not None for r in rows):
+                break
+            ids = torch.tensor(next_ids).unsqueeze(1)
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         s = row.job.request.sampling
