@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -37,6 +38,8 @@ class BlobStore(Protocol):
     def exists(self, digest: str) -> bool: ...
 
     def delete(self, digest: str) -> None: ...
+
+    def sweep_interrupted(self, older_than_s: float = 3600) -> int: ...
 
 
 class BlobTooLarge(ValueError):
@@ -126,6 +129,22 @@ class LocalBlobStore:
     def delete(self, digest: str) -> None:
         """Remove the blob (no error if it is already gone)."""
         self.path_of(digest).unlink(missing_ok=True)
+
+    def sweep_interrupted(self, older_than_s: float = 3600) -> int:
+        """Remove temporary files that writes killed mid-way left behind; returns how many.
+
+        Only files older than `older_than_s`: replicas share this directory, and another one may be
+        writing right now.
+        """
+        cutoff, removed = time.time() - older_than_s, 0
+        for tmp in self._tmp.iterdir():
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another replica swept it first
+                pass
+        return removed
 
     def verify(self, digest: str) -> bool:
         """Whether the stored bytes still hash to `digest` (a check for disk corruption)."""

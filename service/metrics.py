@@ -50,6 +50,9 @@ hot_swaps = Counter(
     "patchserve_hot_swaps_total", "Alias pointer moves, by kind (activate, rollback, auto_rollback) and reason.",
     ["alias", "kind", "reason"], registry=REGISTRY)
 
+registry_repairs = Counter(
+    "patchserve_registry_repairs_total",
+    "Alias moves the periodic reconcile applied before any event did (an event missed or late).", registry=REGISTRY)
 redis_up = Gauge("patchserve_redis_up", "1 when the registry's Redis answers PING.", registry=REGISTRY)
 engine_ready = Gauge("patchserve_engine_ready", "1 when the engine is loaded and answering.", ["engine"],
                      registry=REGISTRY)

@@ -78,7 +78,8 @@ class RegistrySync:
             for alias in [a for a in self.resolver.aliases if a not in snapshot]:
                 self._forget(alias)
             for pointer in snapshot.values():
-                await self._apply(pointer)
+                if await self._apply(pointer) and self.last_reconcile:
+                    metrics.registry_repairs.inc()  # not the first apply at start: an event went missing
             await self._keep(previous)
         self.last_reconcile = time.time()
 
@@ -118,19 +119,20 @@ class RegistrySync:
         return out
 
     # -- applying (on the loop, under the lock) -------------------------------------------------------
-    async def _apply(self, pointer: AliasPointer) -> None:
+    async def _apply(self, pointer: AliasPointer) -> bool:
+        """Serve `pointer` here (load first, then move); True when the alias moved."""
         if self.resolver.aliases.get(pointer.alias) == (pointer.patch, pointer.version):
-            return
+            return False
         if pointer.base != self.served_base:
             # Another base's engine serves it (base upgrades); this replica does not host that base.
             log.warning("alias on a base this gateway does not serve",
                         extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
-            return
+            return False
         version = self.resolver.versions.setdefault(pointer.patch, {}).get(pointer.version)
         if version is None:
             record = await asyncio.to_thread(self.registry.get_version, pointer.patch, pointer.version)
             if record is None:
-                return
+                return False
             version = self.resolver.versions[pointer.patch][pointer.version] = _local(record)
         await self.pool.ensure(version)  # loaded first …
         before = self.resolver.pointer(pointer.alias)
@@ -141,6 +143,7 @@ class RegistrySync:
         metrics.alias_active.labels(pointer.alias, pointer.patch, str(pointer.version), pointer.base).set(1)
         log.info("alias moved", extra={"fields": {"alias": pointer.alias, "to": pointer.ref,
                                                   "from": before.engine_name if before else None}})
+        return True
 
     def _forget(self, alias: str) -> None:
         before = self.resolver.pointer(alias)

@@ -99,3 +99,14 @@ def test_materialize_builds_a_version_directory_atomically_and_checks_digests(tm
     with pytest.raises(DigestMismatch):
         materialize(store, files, tmp_path / "versions" / "acme@2")
     assert [p.name for p in (tmp_path / "versions").iterdir()] == ["acme@1"]
+
+
+def test_sweep_removes_only_old_temporary_files(tmp_path):
+    store = LocalBlobStore(tmp_path)
+    kept = store.put_bytes(b"a blob")
+    old, fresh = tmp_path / "tmp" / "killed-write", tmp_path / "tmp" / "another-replica-writing"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.sweep_interrupted(older_than_s=3600) == 1
+    assert not old.exists() and fresh.exists() and store.verify(kept)

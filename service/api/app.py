@@ -59,6 +59,7 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         patches.clear_staging()
+        store.blobs.sweep_interrupted()
         await engine.start()
         # Every alias at its recorded version, loaded, before the first request is admitted.
         await sync.start()
