@@ -36,11 +36,22 @@ def scraped(kit_dir, tmp_path_factory):
                         "temperature": 0, "stream": stream})
                     assert r.status_code == 200
             time.sleep(1.5)
+            if _ == 0:
+                _an_operators_move_and_its_undo(gateway, kit_dir)
         time.sleep(2.5)
         yield prometheus
     finally:
         prometheus.stop()
         gateway.stop()
+
+
+def _an_operators_move_and_its_undo(gateway: GatewayProcess, kit_dir) -> None:
+    """A new version of `reverse` activated, then rolled back: the hot-swap metrics get their series."""
+    files = [("file", (f.name, f.read_bytes())) for f in sorted((kit_dir / "patches" / "reverse").iterdir())]
+    with gateway.admin() as admin:
+        version = admin.post("/admin/patches/reverse/versions", files=files).json()["version"]
+        assert admin.post("/admin/aliases/reverse/activate", json={"version": version}).status_code == 200
+        assert admin.post("/admin/aliases/reverse/rollback", json={"reason": "drill"}).status_code == 200
 
 
 @pytest.mark.parametrize("board,title,expr", dashboard_queries(), ids=lambda v: v if len(v) < 40 else None)

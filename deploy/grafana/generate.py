@@ -41,6 +41,11 @@ DASHBOARDS = {
          "sum by (engine, operation) (patchserve_adapter_operation_duration_seconds_sum) "
          "/ sum by (engine, operation) (patchserve_adapter_operation_duration_seconds_count)", "s"),
         ("Requests/s by version", "sum by (alias, version) (rate(patchserve_requests_total[1m]))", "reqps"),
+        ("Alias moves by kind and reason (last hour)",
+         "sum by (alias, kind, reason) (increase(patchserve_hot_swaps_total[1h]))", "short"),
+        ("Missed events repaired by the reconcile (last hour)",
+         "sum(increase(patchserve_registry_repairs_total[1h]))", "short"),
+        ("Registry (Redis) reachable", "patchserve_redis_up", "short"),
     ]),
 }
 
