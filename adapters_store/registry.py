@@ -382,15 +382,16 @@ class Registry:
 
     # -- aliases -------------------------------------------------------------------------------------
     def activate(self, alias: str, patch: str, version: int, base: str | None = None, actor: str = "system",
-                 reason: str = "", *, if_current: str | None = None) -> AliasPointer:
+                 reason: str = "", *, if_current: str | None = None, forced: bool = False) -> AliasPointer:
         """Point `alias` at `patch@version` atomically: pointer, history entry, audit entry and event together.
 
         `base`, if given, must be the version's base (422 otherwise). `if_current` makes it a
         compare-and-set: the move happens only if the alias points to that 'patch@version' now
-        ('' = not yet created), else 409.
+        ('' = not yet created), else 409. `forced` records the move as `force_activate` (the gate skipped).
         """
         _check_name(alias, "alias")
-        return self._move(alias, patch, version, base or "", actor, reason, "activate", if_current)
+        return self._move(alias, patch, version, base or "", actor, reason, "force_activate" if forced else "activate",
+                          if_current)
 
     def rollback(self, alias: str, to_version: int | None = None, actor: str = "system",
                  reason: str = "") -> AliasPointer:
@@ -462,6 +463,12 @@ class Registry:
             start = f"({since}" if isinstance(since, str) else str(int(since * 1000))
             entries = self.r.xrange(key, min=start, count=limit)
         return [_audit_from(_s(i), {_s(k): _s(v) for k, v in f.items()}) for i, f in entries]
+
+    def record(self, action: str, target: str, actor: str = "system", reason: str = "", from_ref: str = "",
+               to_ref: str = "") -> None:
+        """Append an audit entry for a decision that changed nothing in the registry (a refused gate, say)."""
+        self.r.xadd(self._k("audit"), {"action": action, "actor": actor, "target": target, "from": from_ref,
+                                        "to": to_ref, "reason": reason, "at": repr(time.time())})
 
     def subscribe(self) -> Subscription:
         """A subscription to this registry's events (alias moves, new and deleted versions, new bases)."""

@@ -82,13 +82,14 @@ def serve(
     if settings.seed_kit:
         from service.kit_models import seed_registry
 
-        seed_registry(store.registry, store.blobs, settings.kit_path, manifest)
+        seed_registry(store.registry, store.blobs, store.evals, settings.kit_path, manifest)
     base = store.registry.get_base(settings.base)
     if base is None or not base.path:
         raise typer.BadParameter(f"base {settings.base!r} is not registered with a path")
     admin_key = _first_admin_key(store, settings)
     engine = create_engine(settings, base.path)
-    app = create_app(settings, engine, store)
+    worker = build_worker(store, settings) if settings.worker_in_process else None
+    app = create_app(settings, engine, store, worker)
     aliases = ", ".join(f"{p.alias}→{p.ref}" for p in store.registry.list_aliases()) or "none"
     console.print(f"patchserve: {engine.name} engine, base {settings.base}, aliases {aliases} "
                   f"on http://{host or settings.host}:{port or settings.port}")
@@ -98,9 +99,30 @@ def serve(
                 timeout_graceful_shutdown=5)
 
 
+@app.command()
+def worker() -> None:
+    """Run a worker alone (several may share one Redis): takes update jobs until stopped."""
+    from prometheus_client import start_http_server
+
+    from service import logs, metrics
+
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.log_json)
+    store = open_store(settings)
+    metrics.job_queue_lag.set_function(store.jobs.lag_s)
+    start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
+    console.print(f"patchserve worker: jobs on {store.redis_url}, metrics on :{settings.worker_metrics_port}")
+    try:
+        build_worker(store, settings).run()
+    except KeyboardInterrupt:
+        pass
+
+
 def open_store(settings):
     """The registry, blob store and key store on the configured (or embedded) Redis."""
     from adapters_store.blobs import LocalBlobStore
+    from adapters_store.evaluation import EvaluationStore
+    from adapters_store.jobs import JobQueue
     from adapters_store.keys import ApiKeyStore
     from adapters_store.redis_server import connect, redis_url
     from adapters_store.registry import Registry
@@ -108,8 +130,22 @@ def open_store(settings):
 
     client = connect(settings)
     url = redis_url(settings) or "redis://{host}:{port}/0".format(**client.connection_pool.connection_kwargs)
-    return Store(registry=Registry(client, settings.redis_prefix), blobs=LocalBlobStore(settings.blob_path),
-                 keys=ApiKeyStore(client, settings.redis_prefix), redis_url=url)
+    blobs = LocalBlobStore(settings.blob_path)
+    jobs = JobQueue(client, settings.redis_prefix, max_attempts=settings.job_max_attempts,
+                    backoff_s=settings.job_backoff_s, claim_idle_s=settings.job_claim_idle_s)
+    return Store(registry=Registry(client, settings.redis_prefix), blobs=blobs,
+                 keys=ApiKeyStore(client, settings.redis_prefix),
+                 evals=EvaluationStore(client, blobs, settings.redis_prefix), jobs=jobs, redis_url=url)
+
+
+def build_worker(store, settings):
+    """A worker over `store` with the update jobs (evaluate, gated activate)."""
+    from service.evaluator import Evaluator
+    from service.update_jobs import UpdateJobs
+    from service.worker import Worker
+
+    evaluator = Evaluator(store.blobs, settings.data_dir / "worker")
+    return Worker(store.jobs, UpdateJobs(store.registry, store.evals, evaluator).handlers())
 
 
 def _first_admin_key(store, settings) -> str | None:

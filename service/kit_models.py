@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from adapters_store.blobs import BlobStore
+from adapters_store.evaluation import EvaluationStore
 from adapters_store.registry import Registry
 from adapters_store.validation import base_module_shapes
 
@@ -27,11 +28,19 @@ def register_kit_base(registry: Registry, kit: Path, manifest: dict, name: str =
                            meta={"source": "kit", "kit_hash": manifest["kit_hash"]}, actor="kit")
 
 
-def seed_registry(registry: Registry, blobs: BlobStore, kit: Path, manifest: dict) -> None:
-    """Register base-v1 and, for each kit patch never seeded, version 1 from the kit's files and its alias."""
+def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, kit: Path, manifest: dict) -> None:
+    """Register base-v1 and, for each kit patch never seeded, version 1 from the kit's files and its alias.
+
+    Each kit alias gets the kit's evaluation set of its task, and the kit's probe set becomes the probe
+    set, unless they were set before (an operator's choice stays).
+    """
     with registry.r.lock(registry.prefix + "lock:seed", timeout=60, blocking_timeout=60):
         register_kit_base(registry, kit, manifest)
+        if not evals.probe():
+            evals.set_probe([row["text"] for row in _jsonl(kit / manifest["probe_set"])])
         for name, patch in manifest["patches"].items():
+            if evals.evalset_record(name) is None and name in manifest["eval_sets"]:
+                evals.attach_evalset(name, _jsonl(kit / manifest["eval_sets"][name]), actor="kit")
             if registry.list_versions(name) or registry.get_alias(name):
                 continue  # seeded before: whatever happened since is the operators' to keep
             files = {}
@@ -41,3 +50,7 @@ def seed_registry(registry: Registry, blobs: BlobStore, kit: Path, manifest: dic
             version = registry.create_version(name, patch["base"], files, {"source": "kit"}, actor="kit",
                                               reason="seeded from the kit")
             registry.activate(name, name, version.version, actor="kit", reason="seeded from the kit")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

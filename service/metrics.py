@@ -56,3 +56,54 @@ registry_repairs = Counter(
 redis_up = Gauge("patchserve_redis_up", "1 when the registry's Redis answers PING.", registry=REGISTRY)
 engine_ready = Gauge("patchserve_engine_ready", "1 when the engine is loaded and answering.", ["engine"],
                      registry=REGISTRY)
+
+# -- worker ---------------------------------------------------------------------------------------------
+jobs = Counter("patchserve_jobs_total", "Worker jobs finished, by type and outcome (succeeded, retrying, failed).",
+               ["type", "outcome"], registry=REGISTRY)
+job_duration = Histogram("patchserve_job_duration_seconds", "Time one attempt of a job ran.", ["type"],
+                         buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=REGISTRY)
+dead_letters = Counter("patchserve_job_dead_letters_total", "Jobs that failed every attempt (dead-lettered).",
+                       ["type"], registry=REGISTRY)
+job_queue_lag = Gauge("patchserve_job_queue_lag_seconds",
+                      "Age of the oldest job not finished yet (0 when the queue is drained).", registry=REGISTRY)
+
+
+class CompatibilityCollector:
+    """The stored compatibility reports as gauges, read from the registry at scrape time.
+
+    Labels: patch, version (the candidate), against (what it was compared with). One series per
+    evaluated version: bounded by the versions kept, which an operator deletes as they retire.
+    """
+
+    _FIELDS = {"nfr": "Negative flip rate (share of items the candidate got worse on).",
+               "pfr": "Positive flip rate (share of items the candidate got better on).",
+               "score_old": "Task score of the version replaced.", "score_new": "Task score of the candidate.",
+               "agreement": "Share of items both versions answer alike.",
+               "perplexity_ratio": "Probe-set perplexity of the candidate over the version replaced."}
+
+    def __init__(self):
+        self.source = lambda: []  # the gateway points it at the registry's reports
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        families = {f: GaugeMetricFamily(f"patchserve_compat_{f}", doc, labels=["patch", "version", "against"])
+                    for f, doc in self._FIELDS.items()}
+        passed = GaugeMetricFamily("patchserve_compat_gate_passed", "1 when the candidate passed its gate.",
+                                   labels=["patch", "version", "against"])
+        try:
+            reports = self.source()
+        except Exception:  # Redis away: no report series this scrape (patchserve_redis_up says why)
+            reports = []
+        for r in reports:
+            patch, _, version = r["candidate"].rpartition("@")
+            labels = [patch, version, r.get("incumbent") or "base"]
+            for f, family in families.items():
+                family.add_metric(labels, float(r[f]))
+            passed.add_metric(labels, 1.0 if r.get("gate", {}).get("passed") else 0.0)
+        yield from families.values()
+        yield passed
+
+
+compatibility = CompatibilityCollector()
+REGISTRY.register(compatibility)

@@ -82,14 +82,26 @@ class PatchAdmin:
             shutil.rmtree(staging, ignore_errors=True)
 
     # -- aliases --------------------------------------------------------------------------------------
-    async def activate(self, alias: str, patch: str, version: int, actor: str, reason: str = "") -> AliasPointer:
-        """Load `patch@version` here, then move `alias` to it atomically in the registry."""
+    def needs_gate(self, alias: str, patch: str, version: int) -> bool:
+        """Whether moving `alias` to `patch@version` must pass the gate first.
+
+        Not for an alias's first version (there is nothing to compare with), nor for a version the
+        alias has served before (it was vetted then; going back is an undo, like a rollback).
+        """
+        current = self.registry.get_alias(alias)
+        if current is None or (current.patch, current.version) == (patch, version):
+            return False
+        return not any((h.to_patch, h.to_version) == (patch, version) for h in self.registry.alias_history(alias))
+
+    async def activate(self, alias: str, patch: str, version: int, actor: str, reason: str = "",
+                       forced: bool = False) -> AliasPointer:
+        """Load `patch@version` here, then move `alias` to it atomically in the registry (no gate: see needs_gate)."""
         check_name(alias, "alias")
         record = await asyncio.to_thread(self.registry.get_version, patch, version)
         if record is None:
             raise RegistryError(404, f"no version {patch}@{version}")
         await self._load_then(record, lambda: self.registry.activate(alias, patch, version, actor=actor,
-                                                                        reason=reason))
+                                                                        reason=reason, forced=forced))
         await self.sync.sync_alias(alias)
         return await asyncio.to_thread(self.registry.get_alias, alias)
 

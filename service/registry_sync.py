@@ -29,7 +29,7 @@ log = logging.getLogger("patchserve.sync")
 
 def _reason(pointer: AliasPointer) -> str:
     # A bounded label: who moved it, not the free-text reason (which the audit log keeps).
-    return "automatic" if pointer.action == "auto_rollback" else "operator"
+    return "automatic" if pointer.action == "auto_rollback" else "operator"  # force_activate is an operator's
 
 
 def _local(record) -> PatchVersion:

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     redis_port: int = 6390
     redis_prefix: str = "ps:"
     blob_dir: Path | None = None  # default: <data_dir>/blobs
+    # Worker: in-process under `serve` (embedded defaults) unless disabled; `patchserve worker` runs one alone.
+    worker_in_process: bool = True
+    job_max_attempts: int = 3
+    job_backoff_s: float = 1.0  # first retry after this, doubling each attempt
+    job_claim_idle_s: float = 30.0  # a job whose worker has been silent this long is taken over
+    worker_metrics_port: int = 9101  # /metrics of a standalone worker
     # Upload limits (validation refuses past them with 413).
     max_upload_bytes: int = 64 << 20
     max_safetensors_header_bytes: int = 1 << 20

@@ -112,7 +112,7 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
     moved = admin.post(f"/admin/aliases/{name}/activate", json={"version": 1, "reason": "launch"})
     assert moved.status_code == 200 and moved.json()["ref"] == f"{name}@1"
     assert _complete(gw, name).headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@1"
-    admin.post(f"/admin/aliases/{name}/activate", json={"version": 2, "reason": "upgrade"})
+    admin.post(f"/admin/aliases/{name}/activate", json={"version": 2, "reason": "upgrade", "force": True})
     assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@2")
     back = admin.post(f"/admin/aliases/{name}/rollback", json={"reason": "worse"})
     assert back.json()["ref"] == f"{name}@1" and back.json()["action"] == "rollback"
@@ -121,10 +121,10 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
 
     detail = admin.get(f"/admin/aliases/{name}").json()
     assert [(h["action"], h["from_ref"], h["to_ref"], h["reason"]) for h in detail["history"]] == [
-        ("activate", "", f"{name}@1", "launch"), ("activate", f"{name}@1", f"{name}@2", "upgrade"),
+        ("activate", "", f"{name}@1", "launch"), ("force_activate", f"{name}@1", f"{name}@2", "upgrade"),
         ("rollback", f"{name}@2", f"{name}@1", "worse")]
     audit = [e for e in admin.get("/admin/audit", params={"limit": 1000}).json() if name in e["target"]]
-    assert [e["action"] for e in audit] == ["create_version", "create_version", "activate", "activate", "rollback"]
+    assert [e["action"] for e in audit] == ["create_version", "create_version", "activate", "force_activate", "rollback"]
     assert all(e["actor"].startswith("key:admin:") for e in audit)
     since = admin.get("/admin/audit", params={"since": audit[-2]["id"]}).json()
     assert since[0]["id"] == audit[-1]["id"]
@@ -141,7 +141,7 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
 
 
 def test_bad_admin_requests(gw, admin):
-    assert admin.post("/admin/aliases/sentiment/activate", json={"version": 1, "force": True}).status_code == 400
+    assert admin.post("/admin/aliases/sentiment/activate", json={"version": 1, "forced": True}).status_code == 400
     assert admin.post("/admin/aliases/sentiment/activate", json={"version": 0}).status_code == 400
     assert admin.post("/admin/aliases/nope/rollback").status_code == 404
     assert admin.post("/admin/aliases/sentiment/activate", json={"version": 99}).status_code == 404

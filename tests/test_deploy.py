@@ -54,7 +54,7 @@ def metric_names_in(expr: str) -> set[str]:
 def test_dashboards_name_only_exported_metrics():
     exported = exported_metric_names()
     queries = dashboard_queries()
-    assert {q[0] for q in queries} >= {"serving.json", "patches.json"}
+    assert {q[0] for q in queries} >= {"serving.json", "patches.json", "compatibility.json", "worker.json"}
     for board, title, expr in queries:
         unknown = metric_names_in(expr) - exported
         assert metric_names_in(expr), f"{board} / {title}: no patchserve metric in {expr!r}"

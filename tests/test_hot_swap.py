@@ -79,7 +79,8 @@ async def test_swaps_under_streaming_load_fail_nothing(gateway, kit_dir):
         for i in range(SWAPS):
             started = time.perf_counter()
             if i % 2 == 0:
-                r = await asyncio.to_thread(admin.post, f"/admin/aliases/{name}/activate", json={"version": 2})
+                r = await asyncio.to_thread(admin.post, f"/admin/aliases/{name}/activate",
+                                           json={"version": 2, "force": True, "reason": "swap test"})
             else:
                 r = await asyncio.to_thread(admin.post, f"/admin/aliases/{name}/rollback", json={"reason": "load"})
             assert r.status_code == 200, r.text
@@ -102,7 +103,7 @@ async def test_swaps_under_streaming_load_fail_nothing(gateway, kit_dir):
     # The alias's history holds all of it, in order.
     with gateway.admin() as admin:
         history = admin.get(f"/admin/aliases/{name}").json()["history"]
-    assert [h["action"] for h in history] == ["activate"] + ["activate", "rollback"] * (SWAPS // 2)
+    assert [h["action"] for h in history] == ["activate"] + ["force_activate", "rollback"] * (SWAPS // 2)
 
 
 async def test_an_adapter_leaves_only_after_its_last_request(gateway, kit_dir):
@@ -125,7 +126,8 @@ async def test_an_adapter_leaves_only_after_its_last_request(gateway, kit_dir):
             ready = (await http.get("/admin/replica")).json()
         # Two moves: version 1 is then neither active nor the previous version; only the request holds it.
         for version in (2, third):
-            moved = await http.post(f"/admin/aliases/{name}/activate", json={"version": version})
+            moved = await http.post(f"/admin/aliases/{name}/activate",
+                                    json={"version": version, "force": True, "reason": "unload test"})
             assert moved.status_code == 200
         ready = (await http.get("/admin/replica")).json()
     assert ready["aliases"][name] == f"{name}@{third}"

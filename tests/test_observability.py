@@ -46,11 +46,18 @@ def scraped(kit_dir, tmp_path_factory):
 
 
 def _an_operators_move_and_its_undo(gateway: GatewayProcess, kit_dir) -> None:
-    """A new version of `reverse` activated, then rolled back: the hot-swap metrics get their series."""
+    """A new version of `reverse` through the gate (a job, a report), then rolled back: the hot-swap,
+    worker and compatibility metrics get their series."""
     files = [("file", (f.name, f.read_bytes())) for f in sorted((kit_dir / "patches" / "reverse").iterdir())]
     with gateway.admin() as admin:
         version = admin.post("/admin/patches/reverse/versions", files=files).json()["version"]
-        assert admin.post("/admin/aliases/reverse/activate", json={"version": version}).status_code == 200
+        queued = admin.post("/admin/aliases/reverse/activate", json={"version": version})
+        assert queued.status_code == 202
+        deadline = time.monotonic() + 120
+        while (job := admin.get(queued.headers["location"]).json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["result"]["activated"], job
         assert admin.post("/admin/aliases/reverse/rollback", json={"reason": "drill"}).status_code == 200
 
 

@@ -88,7 +88,8 @@ def test_both_replicas_serve_a_move_made_on_either(replicas, kit_dir):
         assert c.post(f"/admin/aliases/{name}/activate", json={"version": 1}).status_code == 200
     delays.append(_wait_served(b, key, name, f"{name}@1"))
     with _admin(b, key) as c:  # and the other way round
-        assert c.post(f"/admin/aliases/{name}/activate", json={"version": 2}).status_code == 200
+        assert c.post(f"/admin/aliases/{name}/activate",
+                      json={"version": 2, "force": True, "reason": "test"}).status_code == 200
     assert _served(b, key)[name] == f"{name}@2", "the replica that moved it serves it when it answers"
     delays.append(_wait_served(a, key, name, f"{name}@2"))
     with _admin(a, key) as c:
@@ -139,7 +140,8 @@ def test_a_killed_replica_restarts_serving_every_alias_at_its_recorded_version(r
         assert c.post(f"/admin/aliases/{name}/activate", json={"version": 2}).status_code == 200
     b.kill()
     with _admin(a, key) as c:  # moved while B is down: B must come back at the recorded version, not its last
-        assert c.post(f"/admin/aliases/{name}/activate", json={"version": 1, "reason": "b is down"}).status_code == 200
+        assert c.post(f"/admin/aliases/{name}/activate", json={"version": 1, "reason": "b is down",
+                                                                      "force": True}).status_code == 200
     b.start()
     client = redis.Redis.from_url(url)
     recorded = {alias: p.ref for alias, p in Registry(client, prefix="ps:").snapshot().items()}

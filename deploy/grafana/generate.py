@@ -47,6 +47,30 @@ DASHBOARDS = {
          "sum(increase(patchserve_registry_repairs_total[1h]))", "short"),
         ("Registry (Redis) reachable", "patchserve_redis_up", "short"),
     ]),
+    "compatibility": ("patchserve — Compatibility", "Is the new version worse than the one it replaces?", [
+        ("Negative flip rate by version (share of items it got worse on)",
+         "max by (patch, version, against) (patchserve_compat_nfr)", "percentunit"),
+        ("Positive flip rate by version", "max by (patch, version, against) (patchserve_compat_pfr)", "percentunit"),
+        ("Task score change (candidate − replaced)",
+         "max by (patch, version, against) (patchserve_compat_score_new - patchserve_compat_score_old)", "short"),
+        ("Agreement with the version replaced", "max by (patch, version, against) (patchserve_compat_agreement)",
+         "percentunit"),
+        ("Probe perplexity ratio (candidate / replaced)",
+         "max by (patch, version, against) (patchserve_compat_perplexity_ratio)", "short"),
+        ("Gate passed (1) or refused (0)", "max by (patch, version, against) (patchserve_compat_gate_passed)",
+         "short"),
+    ]),
+    "worker": ("patchserve — Worker", "Are update jobs done, how long do they take, is anything stuck?", [
+        ("Jobs finished by type and outcome (last hour)",
+         "sum by (type, outcome) (increase(patchserve_jobs_total[1h]))", "short"),
+        # Jobs are rare: a mean since start has data between them, where a windowed quantile has none.
+        ("Job attempt duration by type (mean since start)",
+         "sum by (type) (patchserve_job_duration_seconds_sum) / sum by (type) (patchserve_job_duration_seconds_count)",
+         "s"),
+        ("Queue lag (oldest unfinished job)", "max(patchserve_job_queue_lag_seconds)", "s"),
+        ("Dead letters by type (last hour)", "sum by (type) (increase(patchserve_job_dead_letters_total[1h]))",
+         "short"),
+    ]),
 }
 
 

@@ -8,30 +8,51 @@ validation chose (400 malformed, 401/403 keys, 404 unknown, 409 conflicts, 413 t
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from adapters_store.evaluation import EvaluationStore, parse_rows
+from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
 from service.api import admin_protocol as a
 from service.api.auth import require_admin
 from service.api.serving import APIError
 from service.patch_admin import PatchAdmin
+from service.update_jobs import gate_for
 
-_FORM_FIELDS = {"base", "reason"}
-_MULTIPART_SLACK = 256 << 10  # boundaries, part headers, the config file and form fields
+_FORM_FIELDS = {"base", "reason", "activate", "alias"}
+_MULTIPART_SLACK = 256 << 10
+_EVALSET_LIMIT = 16 << 20  # boundaries, part headers, the config file and form fields
 
 
 def _actor(key: ApiKey) -> str:
     return f"key:{key.name}:{key.id}"
 
 
-def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max_upload_bytes: int) -> APIRouter:
-    """The `/admin` routes over one replica's registry, patch operations and key store."""
+def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, evals: EvaluationStore,
+                 jobs: JobQueue, max_upload_bytes: int) -> APIRouter:
+    """The `/admin` routes over one replica's registry, patch operations, key store, evaluations and jobs."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    async def _move(alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
+        """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202 with the job)."""
+        if force and not reason.strip():
+            raise APIError(400, "a forced activation skips the gate and needs a reason", param="reason")
+        if force or not await asyncio.to_thread(patches.needs_gate, alias, patch, version):
+            pointer = await patches.activate(alias, patch, version, actor, reason, forced=force)
+            return JSONResponse(a.Alias.of(pointer).model_dump(), status_code=200)
+        if await asyncio.to_thread(registry.get_version, patch, version) is None:
+            raise APIError(404, f"no version {patch}@{version}", code="not_found")
+        job = await asyncio.to_thread(jobs.submit, "activate", {"alias": alias, "patch": patch, "version": version,
+                                                                "reason": reason}, actor)
+        return _accepted(job)
 
     # -- bases and patches ----------------------------------------------------------------------------
     @router.get("/bases")
@@ -68,10 +89,18 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max
                 else:
                     raise APIError(400, f"unknown form field {field!r}; known: files, "
                                         f"{', '.join(sorted(_FORM_FIELDS))}", param=field)
+            activate = fields.get("activate", "false").strip().lower()
+            if activate not in ("true", "false"):
+                raise APIError(400, "activate must be true or false", param="activate")
+            alias = fields.get("alias") or name
             record = await patches.upload(name, parts, fields.get("base"), _actor(key), fields.get("reason", ""))
         finally:
             await form.close()
-        return JSONResponse(a.Version.of(record).model_dump(), status_code=201,
+        body = a.Version.of(record).model_dump()
+        if activate == "true":  # validated above; now evaluate → gate → activate (or at once for a new alias)
+            moved = await _move(alias, name, record.version, _actor(key), fields.get("reason", ""), False)
+            body["activation"] = json.loads(moved.body)
+        return JSONResponse(body, status_code=201,
                             headers={"location": f"/admin/patches/{name}/versions/{record.version}"})
 
     @router.get("/patches/{name}/versions/{version}")
@@ -100,10 +129,59 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max
                              to_ref=h.to_ref, to_base=h.to_base) for h in history]
         return a.AliasDetail(**a.Alias.of(pointer).model_dump(), history=moves)
 
-    @router.post("/aliases/{alias}/activate")
-    async def activate(alias: str, body: a.ActivateRequest, key: ApiKey = Depends(require_admin)) -> a.Alias:
-        pointer = await patches.activate(alias, body.patch or alias, body.version, _actor(key), body.reason)
-        return a.Alias.of(pointer)
+    @router.post("/aliases/{alias}/activate", responses={202: {"description": "gated: a job was queued"}})
+    async def activate(alias: str, body: a.ActivateRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
+        """Point `alias` at a version: at once when no gate applies (or `force`), else through a gated job (202)."""
+        return await _move(alias, body.patch or alias, body.version, _actor(key), body.reason, body.force)
+
+    @router.post("/aliases/{alias}/evaluate", status_code=202)
+    async def evaluate(alias: str, body: a.EvaluateRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
+        """Queue a compatibility report of a version against the alias's active one (or `against`)."""
+        patch = body.patch or alias
+        if await asyncio.to_thread(registry.get_version, patch, body.version) is None:
+            raise APIError(404, f"no version {patch}@{body.version}", code="not_found")
+        against = body.against
+        if against is None:
+            pointer = await asyncio.to_thread(registry.get_alias, alias)
+            against = pointer.ref if pointer else None
+        job = await asyncio.to_thread(jobs.submit, "evaluate", {"alias": alias, "patch": patch,
+                                                                "version": body.version, "against": against},
+                                      _actor(key))
+        return _accepted(job)
+
+    @router.put("/aliases/{alias}/evalset")
+    async def evalset_put(alias: str, request: Request, metric: str = "exact_match",
+                          key: ApiKey = Depends(require_admin)) -> dict:
+        """The alias's evaluation set: a JSONL body of {"prompt", "reference"} rows; `metric` exact_match or rouge_l."""
+        if not is_safe_name(alias):
+            raise APIError(400, f"alias name {alias!r} must be {NAME_RULE}", param="alias")
+        data = await request.body()
+        if len(data) > _EVALSET_LIMIT:
+            raise APIError(413, f"the set is {len(data)} bytes; the limit is {_EVALSET_LIMIT}", code="too_large")
+        try:
+            rows = parse_rows(data)
+            return await asyncio.to_thread(evals.attach_evalset, alias, rows, metric, _actor(key))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(422, f"evaluation set refused: {exc}", code="unprocessable") from None
+
+    @router.get("/aliases/{alias}/evalset")
+    async def evalset_show(alias: str) -> dict:
+        record = await asyncio.to_thread(evals.evalset_record, alias)
+        if record is None:
+            raise APIError(404, f"alias {alias!r} has no evaluation set", code="not_found")
+        return record
+
+    @router.put("/aliases/{alias}/gate")
+    async def gate_put(alias: str, body: a.GateRequest) -> dict:
+        """Thresholds for this alias's gate; fields left out keep their defaults."""
+        if not is_safe_name(alias):
+            raise APIError(400, f"alias name {alias!r} must be {NAME_RULE}", param="alias")
+        await asyncio.to_thread(evals.set_gate, alias, body.model_dump(exclude_none=True))
+        return asdict(await asyncio.to_thread(gate_for, evals, alias))
+
+    @router.get("/aliases/{alias}/gate")
+    async def gate_show(alias: str) -> dict:
+        return asdict(await asyncio.to_thread(gate_for, evals, alias))
 
     @router.post("/aliases/{alias}/rollback")
     async def rollback(alias: str, body: a.RollbackRequest | None = None,
@@ -116,6 +194,30 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max
     async def audit(limit: int = Query(100, ge=1, le=10_000), since: str | None = None) -> list[a.AuditEntry]:
         entries = await asyncio.to_thread(registry.audit, limit, _since(since))
         return [a.AuditEntry(**vars(e)) for e in entries]
+
+    @router.get("/patches/{name}/versions/{version}/compat")
+    async def compat(name: str, version: int, items: bool = True) -> dict:
+        """The compatibility report of a version (its latest evaluation), with per-item rows unless items=false."""
+        report = await asyncio.to_thread(evals.report, name, version, items)
+        if report is None:
+            raise APIError(404, f"{name}@{version} has no compatibility report yet", code="not_found")
+        return report
+
+    # -- jobs -----------------------------------------------------------------------------------------
+    @router.get("/jobs")
+    async def jobs_list(limit: int = Query(50, ge=1, le=500)) -> list[a.JobView]:
+        return [a.JobView.of(j) for j in await asyncio.to_thread(jobs.recent, limit)]
+
+    @router.get("/jobs/dead-letters")
+    async def dead_letters(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+        return await asyncio.to_thread(jobs.dead_letters, limit)
+
+    @router.get("/jobs/{job_id}")
+    async def job_show(job_id: str) -> a.JobView:
+        job = await asyncio.to_thread(jobs.get, job_id)
+        if job is None:
+            raise APIError(404, f"no job {job_id!r}", code="not_found")
+        return a.JobView.of(job)
 
     @router.get("/keys")
     async def keys_list() -> list[a.Key]:
@@ -138,6 +240,11 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, max
         return {"id": key_id, "revoked": True}
 
     return router
+
+
+def _accepted(job) -> JSONResponse:
+    return JSONResponse({"job": a.JobView.of(job).model_dump()}, status_code=202,
+                        headers={"location": f"/admin/jobs/{job.id}"})
 
 
 def _patch(registry: Registry, name: str) -> a.Patch:

@@ -15,6 +15,39 @@ class ActivateRequest(_Request):
     version: int = Field(ge=1)
     patch: str | None = None  # default: the patch named like the alias
     reason: str = Field("", max_length=1000)
+    force: bool = False  # skip the gate (needs a reason; audited as force_activate)
+
+
+class EvaluateRequest(_Request):
+    version: int = Field(ge=1)
+    patch: str | None = None  # default: the patch named like the alias
+    against: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]*@[0-9]+$")  # default: the alias's active version
+
+
+class GateRequest(_Request):
+    max_nfr: float | None = Field(None, ge=0, le=1)
+    min_score_delta: float | None = Field(None, ge=-1, le=1)
+    max_perplexity_ratio: float | None = Field(None, gt=0)
+
+
+class JobView(BaseModel):
+    id: str
+    type: str
+    params: dict
+    state: str
+    attempts: int
+    max_attempts: int
+    progress: float
+    stage: str
+    result: dict | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    actor: str
+
+    @classmethod
+    def of(cls, job) -> "JobView":
+        return cls(**asdict(job))
 
 
 class RollbackRequest(_Request):

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters_store.blobs import BlobStore
+from adapters_store.evaluation import EvaluationStore
+from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
 from adapters_store.registry import Registry, RegistryError
 from adapters_store.validation import Limits, ValidationError
@@ -30,6 +32,7 @@ from service.patch_admin import PatchAdmin
 from service.registry_sync import RegistrySync
 from service.resolver import Resolver
 from service.settings import Settings
+from service.worker import Worker
 
 log = logging.getLogger("patchserve.api")
 SERVED_BY = "x-patchserve-served-by"
@@ -44,11 +47,13 @@ class Store:
     registry: Registry
     blobs: BlobStore
     keys: ApiKeyStore
+    evals: EvaluationStore
+    jobs: JobQueue
     redis_url: str
 
 
-def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
-    """The gateway over `engine`, following the registry in `store`; the engine starts with the app."""
+def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker | None = None) -> FastAPI:
+    """The gateway over `engine`, following the registry in `store`; the engine (and `worker`) start with the app."""
     resolver = Resolver(bases={name: settings.base for name in (settings.base, *settings.base_aliases)})
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s)
@@ -68,8 +73,14 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
         metrics.queue_depth.labels(engine.name).set_function(serving.waiting)
         metrics.adapters_resident.labels(engine.name).set_function(lambda: len(engine.adapters()))
         metrics.engine_ready.labels(engine.name).set(1)
+        metrics.job_queue_lag.set_function(store.jobs.lag_s)
+        metrics.compatibility.source = store.evals.reports
+        if worker is not None:
+            worker.start()
         yield
         metrics.engine_ready.labels(engine.name).set(0)
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
         await sync.stop()
         await engine.stop()
 
@@ -77,7 +88,8 @@ def create_app(settings: Settings, engine: Engine, store: Store) -> FastAPI:
     app.state.serving = serving
     app.state.keys = store.keys
     app.state.sync = sync
-    app.include_router(admin_router(store.registry, patches, store.keys, settings.max_upload_bytes))
+    app.include_router(admin_router(store.registry, patches, store.keys, store.evals, store.jobs,
+                                    settings.max_upload_bytes))
     inference = [Depends(require_inference)]
 
     @app.exception_handler(RegistryError)

@@ -1,0 +1,57 @@
+"""Runs versions on evaluation and probe sets for the worker: transformers + PEFT, the reference engine.
+
+The worker evaluates with its own copy of the base (not the serving engine), so a report costs the
+gateway nothing but CPU, and a standalone `patchserve worker` needs no gateway. Outputs are greedy
+and batched without padding, so they are the same tokens the engines serve.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters_store.blobs import BlobStore, materialize
+from adapters_store.registry import PatchVersion
+from service.kit.evaluate import answer_text, greedy_generate, perplexity
+
+
+class Evaluator:
+    """Greedy answers and probe perplexity of a base alone or with one of its patch versions."""
+
+    def __init__(self, blobs: BlobStore, work_dir: Path, max_new_tokens: int = 24):
+        self.blobs = blobs
+        self.work_dir = Path(work_dir)
+        self.max_new_tokens = max_new_tokens
+        self._bases: dict[str, tuple] = {}  # base path → (model, tokenizer)
+        self._lock = threading.Lock()  # one evaluation at a time: the model's adapters are shared state
+
+    def _base(self, path: str):
+        if path not in self._bases:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+            self._bases[path] = (model, tok)
+        return self._bases[path]
+
+    def _version_dir(self, version: PatchVersion) -> Path:
+        return materialize(self.blobs, version.files, self.work_dir / version.ref)
+
+    def run(self, base_path: str, version: PatchVersion | None, prompts: list[str], probe: list[str]) -> tuple[list[str], float]:
+        """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone)."""
+        with self._lock:
+            model, tok = self._base(base_path)
+            if version is None:
+                return self._answers(model, tok, prompts), perplexity(model, tok, probe)
+            peft = PeftModel.from_pretrained(model, str(self._version_dir(version)), adapter_name="candidate")
+            try:
+                return self._answers(peft, tok, prompts), perplexity(peft, tok, probe)
+            finally:
+                # Take the LoRA layers out again, so the cached base stays the plain base.
+                peft.unload()
+                self._bases[base_path] = (model, tok)
+
+    def _answers(self, model, tok, prompts: list[str]) -> list[str]:
+        return [answer_text(tok, t) for t in greedy_generate(model, tok, prompts, self.max_new_tokens)]
