@@ -139,13 +139,17 @@ def open_store(settings):
 
 
 def build_worker(store, settings):
-    """A worker over `store` with the update jobs (evaluate, gated activate)."""
+    """A worker over `store` with the update jobs (evaluate, gated activate, extract)."""
     from service.evaluator import Evaluator
     from service.update_jobs import UpdateJobs
     from service.worker import Worker
 
+    from adapters_store.validation import Limits
+
     evaluator = Evaluator(store.blobs, settings.data_dir / "worker")
-    return Worker(store.jobs, UpdateJobs(store.registry, store.evals, evaluator).handlers())
+    jobs = UpdateJobs(store.registry, store.evals, evaluator, store.blobs, Limits.from_settings(settings),
+                      settings.data_dir / "worker")
+    return Worker(store.jobs, jobs.handlers())
 
 
 def _first_admin_key(store, settings) -> str | None:

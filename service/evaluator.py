@@ -13,10 +13,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from adapters_store.blobs import BlobStore, materialize
 from adapters_store.registry import PatchVersion
 from service.kit.evaluate import answer_text, greedy_generate, perplexity
+
+
+hf_logging.disable_progress_bar()  # logs stay quiet by default; job progress is reported on the job
 
 
 class Evaluator:
@@ -32,7 +36,7 @@ class Evaluator:
     def _base(self, path: str):
         if path not in self._bases:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             self._bases[path] = (model, tok)
         return self._bases[path]
 

@@ -1,4 +1,4 @@
-"""The worker's jobs for updates: evaluate a candidate against what it would replace; gated activation.
+"""The worker's jobs for updates: evaluate a candidate; gated activation; extraction from a fine-tune.
 
 `evaluate` writes a compatibility report (service/compat.py) of `patch@version` against the alias's
 active version (or a named one; the base alone when the alias has none yet), on the alias's
@@ -10,13 +10,19 @@ retry recomputes the same report, and an alias already at the target is a succes
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict, fields
+from pathlib import Path
 
+from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import Job
 from adapters_store.registry import PatchVersion, Registry, RegistryError
+from adapters_store.validation import Limits, ValidationError, validate_upload
 from service.compat import Gate, compare
 from service.evaluator import Evaluator
+from service.extract import extract_lora
 from service.worker import JobRefused, Progress
 
 
@@ -27,13 +33,53 @@ def gate_for(evals: EvaluationStore, alias: str) -> Gate:
 
 
 class UpdateJobs:
-    """Handlers for the `evaluate` and `activate` job types."""
+    """Handlers for the `evaluate`, `activate` and `extract` job types."""
 
-    def __init__(self, registry: Registry, evals: EvaluationStore, evaluator: Evaluator):
+    def __init__(self, registry: Registry, evals: EvaluationStore, evaluator: Evaluator, blobs: BlobStore,
+                 limits: Limits, work_dir: Path):
         self.registry, self.evals, self.evaluator = registry, evals, evaluator
+        self.blobs, self.limits, self.work_dir = blobs, limits, Path(work_dir)
 
     def handlers(self) -> dict:
-        return {"evaluate": self.evaluate, "activate": self.activate}
+        return {"evaluate": self.evaluate, "activate": self.activate, "extract": self.extract}
+
+    def extract(self, job: Job, progress: Progress) -> dict:
+        """params: name, base, checkpoint (a directory), rank, reason. Registers the extracted patch as a version."""
+        p = job.params
+        for record in self.registry.list_versions(p["name"]):  # a retry after the version was made: that one
+            if record.meta.get("job_id") == job.id:
+                return {"version": record.version, **{k: record.meta[k] for k in ("rank", "energy_kept")}}
+        base = self.registry.get_base(p["base"])
+        if base is None or not base.path:
+            raise JobRefused(f"base {p['base']!r} has no local path")
+        out = self.work_dir / f"extract-{job.id}"
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            try:
+                found = extract_lora(Path(base.path), Path(p["checkpoint"]), int(p["rank"]), out,
+                                     lambda pct, stage: progress(pct * 0.9, stage))
+            except (ValueError, OSError) as exc:
+                raise JobRefused(f"cannot extract a patch: {exc}") from None
+            files = {f.name: f for f in out.iterdir()}
+            base_config = json.loads((Path(base.path) / "config.json").read_text())
+            try:
+                summary = validate_upload(p["name"], files, base_config, self.limits)
+            except ValidationError as exc:
+                raise JobRefused(f"the extracted patch is refused: {exc.message}") from None
+            progress(92, "storing the patch")
+            digests = {}
+            for name, path in files.items():
+                with path.open("rb") as f:
+                    digests[name] = self.blobs.put_file(f)
+            meta = {"job_id": job.id, "rank": found.rank, "energy_kept": round(found.energy_kept, 6),
+                    "modules": len(found.modules), "not_carried": found.not_carried,
+                    "checkpoint": str(p["checkpoint"]), **asdict(summary)}
+            record = self.registry.create_version(p["name"], base.name, digests, meta, origin="extract",
+                                                  actor=job.actor, reason=p.get("reason") or "extracted")
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return {"version": record.version, "rank": found.rank, "energy_kept": found.energy_kept,
+                "modules": len(found.modules), "not_carried": found.not_carried}
 
     def evaluate(self, job: Job, progress: Progress) -> dict:
         """params: alias, patch, version[, against 'name@N']."""

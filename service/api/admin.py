@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
@@ -37,7 +38,7 @@ def _actor(key: ApiKey) -> str:
 
 
 def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, evals: EvaluationStore,
-                 jobs: JobQueue, max_upload_bytes: int) -> APIRouter:
+                 jobs: JobQueue, max_upload_bytes: int, max_rank: int) -> APIRouter:
     """The `/admin` routes over one replica's registry, patch operations, key store, evaluations and jobs."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -194,6 +195,25 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
     async def audit(limit: int = Query(100, ge=1, le=10_000), since: str | None = None) -> list[a.AuditEntry]:
         entries = await asyncio.to_thread(registry.audit, limit, _since(since))
         return [a.AuditEntry(**vars(e)) for e in entries]
+
+    @router.post("/patches/{name}/extract", status_code=202)
+    async def extract(name: str, body: a.ExtractRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
+        """Queue the extraction of a LoRA patch (truncated SVD at `rank`) from a full fine-tune of a base."""
+        if not is_safe_name(name):
+            raise APIError(400, f"patch name {name!r} must be {NAME_RULE}", param="name")
+        if body.rank > max_rank:
+            raise APIError(422, f"rank {body.rank} is above the engine's limit of {max_rank}", param="rank")
+        base = body.base or patches.served_base
+        if await asyncio.to_thread(registry.get_base, base) is None:
+            raise APIError(422, f"unknown base {base!r}", param="base")
+        checkpoint = Path(body.checkpoint)
+        if not (checkpoint / "config.json").is_file():
+            raise APIError(422, f"{body.checkpoint!r} is not a checkpoint directory (no config.json)",
+                           param="checkpoint")
+        job = await asyncio.to_thread(jobs.submit, "extract", {"name": name, "base": base, "rank": body.rank,
+                                                               "checkpoint": str(checkpoint.resolve()),
+                                                               "reason": body.reason}, _actor(key))
+        return _accepted(job)
 
     @router.get("/patches/{name}/versions/{version}/compat")
     async def compat(name: str, version: int, items: bool = True) -> dict:

@@ -24,6 +24,13 @@ class EvaluateRequest(_Request):
     against: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]*@[0-9]+$")  # default: the alias's active version
 
 
+class ExtractRequest(_Request):
+    checkpoint: str = Field(min_length=1, max_length=4096)  # a directory on the server: a full fine-tune of `base`
+    base: str | None = None  # default: the base this gateway serves
+    rank: int = Field(ge=1)
+    reason: str = Field("", max_length=1000)
+
+
 class GateRequest(_Request):
     max_nfr: float | None = Field(None, ge=0, le=1)
     min_score_delta: float | None = Field(None, ge=-1, le=1)

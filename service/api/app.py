@@ -89,7 +89,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     app.state.keys = store.keys
     app.state.sync = sync
     app.include_router(admin_router(store.registry, patches, store.keys, store.evals, store.jobs,
-                                    settings.max_upload_bytes))
+                                    settings.max_upload_bytes, settings.max_lora_rank))
     inference = [Depends(require_inference)]
 
     @app.exception_handler(RegistryError)
