@@ -43,7 +43,8 @@ class Evaluator:
     def _version_dir(self, version: PatchVersion) -> Path:
         return materialize(self.blobs, version.files, self.work_dir / version.ref)
 
-    def run(self, base_path: str, version: PatchVersion | None, prompts: list[str], probe: list[str]) -> tuple[list[str], float]:
+    def run(self, base_path: str, version: PatchVersion | None, prompts: list[str],
+            probe: list[str]) -> tuple[list[str], float]:
         """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone)."""
         with self._lock:
             model, tok = self._base(base_path)

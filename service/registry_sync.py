@@ -50,6 +50,7 @@ class RegistrySync:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.last_reconcile = 0.0
+        self._foreign: dict[str, str] = {}  # alias → the other base it is on (warned about once)
 
     async def start(self) -> None:
         """Apply the registry's state once (aliases at their recorded versions), then follow it."""
@@ -125,8 +126,10 @@ class RegistrySync:
             return False
         if pointer.base != self.served_base:
             # Another base's engine serves it (base upgrades); this replica does not host that base.
-            log.warning("alias on a base this gateway does not serve",
-                        extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
+            if self._foreign.get(pointer.alias) != pointer.base:  # said once, not at every reconcile
+                self._foreign[pointer.alias] = pointer.base
+                log.warning("alias on a base this gateway does not serve",
+                            extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
             return False
         version = self.resolver.versions.setdefault(pointer.patch, {}).get(pointer.version)
         if version is None:

@@ -105,6 +105,11 @@ def test_the_gate_passes_a_faithful_version_and_refuses_a_regression(gw, kit_dir
 
         assert admin.get(f"/admin/patches/{name}/versions/1/compat").status_code == 404, "v1 was never evaluated"
         compat = admin.get(f"/admin/patches/{name}/versions/3/compat").json()
+        print(f"\ndamaged copy vs {compat['incumbent']}: "
+              f"score {compat['score_old']:.3f} → {compat['score_new']:.3f}, "
+              f"NFR {compat['nfr']:.3f}, PFR {compat['pfr']:.3f}, agreement {compat['agreement']:.3f}, "
+              f"perplexity ratio {compat['perplexity_ratio']:.3f}; "
+              f"evaluation job {job['updated_at'] - job['created_at']:.1f} s")
         assert compat["nfr"] > 0.1 and compat["gate"]["passed"] is False and len(compat["items"]) == len(rows)
         assert all(set(i) >= {"prompt", "reference", "old", "new", "s_old", "s_new", "d"} for i in compat["items"])
         assert "items" not in admin.get(f"/admin/patches/{name}/versions/3/compat", params={"items": "false"}).json()

@@ -43,7 +43,7 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
     async def _move(alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
-        """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202 with the job)."""
+        """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""
         if force and not reason.strip():
             raise APIError(400, "a forced activation skips the gate and needs a reason", param="reason")
         if force or not await asyncio.to_thread(patches.needs_gate, alias, patch, version):
