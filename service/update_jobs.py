@@ -15,12 +15,12 @@ import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from adapters_store.blobs import BlobStore
+from adapters_store.blobs import BlobStore, materialize
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import Job
 from adapters_store.registry import PatchVersion, Registry, RegistryError
 from adapters_store.validation import Limits, ValidationError, validate_upload
-from service.compat import Gate, compare
+from service.compat import Gate, compare, item_score
 from service.evaluator import Evaluator
 from service.extract import extract_lora
 from service.worker import JobRefused, Progress
@@ -41,7 +41,7 @@ class UpdateJobs:
         self.blobs, self.limits, self.work_dir = blobs, limits, Path(work_dir)
 
     def handlers(self) -> dict:
-        return {"evaluate": self.evaluate, "activate": self.activate, "extract": self.extract}
+        return {"evaluate": self.evaluate, "activate": self.activate, "extract": self.extract, "port": self.port}
 
     def extract(self, job: Job, progress: Progress) -> dict:
         """params: name, base, checkpoint (a directory), rank, reason. Registers the extracted patch as a version."""
@@ -108,6 +108,67 @@ class UpdateJobs:
         except RegistryError as exc:
             raise JobRefused(exc.message) from None  # it moved meanwhile: the verdict no longer applies
         return {"activated": True, "alias": alias, "from": against, "to": target, "report": report, "gate": verdict}
+
+    def port(self, job: Job, progress: Progress) -> dict:
+        """params: base (the new one), move (bool). PortLLM: carry every alias's active patch to `base` unchanged.
+
+        Each carried patch is checked against the new base (shapes, modules, rank), registered as a
+        version with origin `port` and its source as parent, and evaluated against the version it
+        would replace (on the old base), with the new base alone measured too. With `move`, each alias
+        whose gate passes is moved to its carried version (compare-and-set); the others stay.
+        """
+        target = self.registry.get_base(job.params["base"])
+        if target is None or not target.path:
+            raise JobRefused(f"base {job.params['base']!r} is not registered with a path")
+        config = json.loads((Path(target.path) / "config.json").read_text())
+        pointers = [p for p in self.registry.list_aliases() if p.base != target.name]
+        rows = []
+        for i, pointer in enumerate(pointers):
+            share = 100 / max(1, len(pointers))
+
+            def step(pct: float, stage: str, i=i, alias=pointer.alias) -> None:
+                progress(i * share + pct * share / 100, f"{alias}: {stage}")
+
+            rows.append(self._port_one(job, pointer, target, config, bool(job.params.get("move")), step))
+        return {"base": target.name, "aliases": rows}
+
+    def _port_one(self, job: Job, pointer, target, config: dict, move: bool, progress: Progress) -> dict:
+        row = {"alias": pointer.alias, "from": pointer.ref, "from_base": pointer.base}
+        source = self._version((pointer.patch, pointer.version))
+        carried = next((v for v in self.registry.list_versions(source.name)
+                        if v.meta.get("job_id") == job.id and v.meta.get("ported_from") == source.ref), None)
+        if carried is None:  # not carried by an earlier attempt of this job
+            check_dir = self.work_dir / f"port-{job.id}-{source.ref}"
+            try:
+                out = materialize(self.blobs, source.files, check_dir)
+                validate_upload(source.name, {f.name: f for f in out.iterdir()}, config, self.limits)
+            except ValidationError as exc:
+                return {**row, "ported": None, "incompatible": exc.message, "moved": False}
+            finally:
+                shutil.rmtree(check_dir, ignore_errors=True)
+            carried = self.registry.create_version(
+                source.name, target.name, dict(source.files), {**source.meta, "job_id": job.id,
+                                                               "ported_from": source.ref},
+                origin="port", parents=[source.ref], actor=job.actor, reason=f"carried to {target.name} unchanged")
+        report, verdict = self._evaluate(pointer.alias, carried.name, carried.version, source.ref, progress)
+        found = self.evals.evalset(pointer.alias)
+        prompts = [r["prompt"] for r in found[0]] if found else []
+        alone, _ = self.evaluator.run(target.path, None, prompts, [])
+        metric = found[1] if found else "exact_match"
+        new_base_alone = (sum(item_score(metric, a, r["reference"]) for a, r in zip(alone, found[0])) / len(alone)
+                          if alone else 0.0)
+        moved = False
+        if move and verdict["passed"]:
+            try:
+                self.registry.activate(pointer.alias, carried.name, carried.version, actor=job.actor,
+                                       reason=f"base upgrade to {target.name}: gate passed", if_current=source.ref)
+                moved = True
+            except RegistryError:
+                moved = False  # the alias moved meanwhile: its operator decided
+        return {**row, "ported": carried.ref, "incompatible": None, "moved": moved,
+                "scores": {f"{pointer.base}+patch": report["score_old"], f"{target.name}": new_base_alone,
+                           f"{target.name}+patch": report["score_new"]},
+                "nfr": report["nfr"], "pfr": report["pfr"], "gate": verdict}
 
     # -- the report ------------------------------------------------------------------------------------
     def _version(self, ref_or_pair) -> PatchVersion:

@@ -22,6 +22,7 @@ from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
+from adapters_store.validation import base_module_shapes
 from service.api import admin_protocol as a
 from service.api.auth import require_admin
 from service.api.serving import APIError
@@ -59,6 +60,22 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
     @router.get("/bases")
     async def bases() -> list[a.Base]:
         return [a.Base(**vars(b)) for b in await asyncio.to_thread(registry.list_bases)]
+
+    @router.post("/bases", status_code=202)
+    async def base_register(body: a.BaseRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
+        """Register a new base release, then queue the port job: every alias's patch carried to it and measured."""
+        config_path = Path(body.path) / "config.json"
+        if not config_path.is_file():
+            raise APIError(422, f"{body.path!r} is not a checkpoint directory (no config.json)", param="path")
+        try:
+            shapes = base_module_shapes(json.loads(config_path.read_text()))
+        except (ValueError, KeyError) as exc:
+            raise APIError(422, f"cannot read the base's config: {exc}", param="path") from None
+        record = await asyncio.to_thread(registry.register_base, body.name, body.version,
+                                         path=str(Path(body.path).resolve()), module_shapes=shapes,
+                                         actor=_actor(key))
+        job = await asyncio.to_thread(jobs.submit, "port", {"base": record.name, "move": body.move}, _actor(key))
+        return _accepted(job, base=a.Base(**vars(record)).model_dump())
 
     @router.get("/patches")
     async def patches_list() -> list[a.Patch]:
@@ -262,8 +279,8 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
     return router
 
 
-def _accepted(job) -> JSONResponse:
-    return JSONResponse({"job": a.JobView.of(job).model_dump()}, status_code=202,
+def _accepted(job, **extra) -> JSONResponse:
+    return JSONResponse({**extra, "job": a.JobView.of(job).model_dump()}, status_code=202,
                         headers={"location": f"/admin/jobs/{job.id}"})
 
 

@@ -24,6 +24,13 @@ class EvaluateRequest(_Request):
     against: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]*@[0-9]+$")  # default: the alias's active version
 
 
+class BaseRequest(_Request):
+    name: str
+    version: str = Field(min_length=1, max_length=200)  # the release's own version string
+    path: str = Field(min_length=1, max_length=4096)  # an HF checkpoint directory the engines can load
+    move: bool = False  # move each alias whose carried patch passes its gate (else: reports only)
+
+
 class ExtractRequest(_Request):
     checkpoint: str = Field(min_length=1, max_length=4096)  # a directory on the server: a full fine-tune of `base`
     base: str | None = None  # default: the base this gateway serves
