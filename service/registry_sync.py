@@ -50,7 +50,6 @@ class RegistrySync:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.last_reconcile = 0.0
-        self._foreign: dict[str, str] = {}  # alias → the other base it is on (warned about once)
 
     async def start(self) -> None:
         """Apply the registry's state once (aliases at their recorded versions), then follow it."""
@@ -76,7 +75,7 @@ class RegistrySync:
                 return
             metrics.redis_up.set(1)
             self.resolver.versions = versions
-            for alias in [a for a in self.resolver.aliases if a not in snapshot]:
+            for alias in [a for a in {*self.resolver.aliases, *self.resolver.elsewhere} if a not in snapshot]:
                 self._forget(alias)
             for pointer in snapshot.values():
                 if await self._apply(pointer) and self.last_reconcile:
@@ -125,12 +124,14 @@ class RegistrySync:
         if self.resolver.aliases.get(pointer.alias) == (pointer.patch, pointer.version):
             return False
         if pointer.base != self.served_base:
-            # Another base's engine serves it (base upgrades); this replica does not host that base.
-            if self._foreign.get(pointer.alias) != pointer.base:  # said once, not at every reconcile
-                self._foreign[pointer.alias] = pointer.base
-                log.warning("alias on a base this gateway does not serve",
-                            extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
-            return False
+            # A gateway of that base serves it (base upgrades); here it answers 421, never an old version.
+            if self.resolver.elsewhere.get(pointer.alias) == pointer.base:
+                return False
+            self._forget(pointer.alias)
+            self.resolver.elsewhere[pointer.alias] = pointer.base
+            log.warning("alias moved to a base this gateway does not host",
+                        extra={"fields": {"alias": pointer.alias, "base": pointer.base}})
+            return True
         version = self.resolver.versions.setdefault(pointer.patch, {}).get(pointer.version)
         if version is None:
             record = await asyncio.to_thread(self.registry.get_version, pointer.patch, pointer.version)
@@ -138,6 +139,7 @@ class RegistrySync:
                 return False
             version = self.resolver.versions[pointer.patch][pointer.version] = _local(record)
         await self.pool.ensure(version)  # loaded first …
+        self.resolver.elsewhere.pop(pointer.alias, None)
         before = self.resolver.pointer(pointer.alias)
         self.resolver.aliases[pointer.alias] = (pointer.patch, pointer.version)  # … then the alias moves here
         if before is not None:
@@ -151,6 +153,7 @@ class RegistrySync:
     def _forget(self, alias: str) -> None:
         before = self.resolver.pointer(alias)
         self.resolver.aliases.pop(alias, None)
+        self.resolver.elsewhere.pop(alias, None)
         if before is not None:
             metrics.alias_active.remove(alias, before.patch, str(before.version), before.base)
 

@@ -14,6 +14,14 @@ class UnknownModel(LookupError):
     pass
 
 
+class HostedElsewhere(LookupError):
+    """The alias is active on a base this gateway does not host (during a base upgrade)."""
+
+    def __init__(self, model: str, base: str):
+        super().__init__(model)
+        self.model, self.base = model, base
+
+
 @dataclass(frozen=True)
 class PatchVersion:
     patch: str
@@ -48,9 +56,12 @@ class Resolver:
     bases: dict[str, str] = field(default_factory=dict)  # served name → base version
     versions: dict[str, dict[int, PatchVersion]] = field(default_factory=dict)  # patch → version → it
     aliases: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias → (patch, version)
+    elsewhere: dict[str, str] = field(default_factory=dict)  # alias → the base it is on, not hosted here
 
     def resolve(self, model: str) -> Resolved:
-        """The versions that serve `model` now; raises UnknownModel."""
+        """The versions that serve `model` now; raises UnknownModel, or HostedElsewhere."""
+        if model in self.elsewhere:
+            raise HostedElsewhere(model, self.elsewhere[model])
         if model in self.bases:
             return Resolved(model=model, base=self.bases[model], patch=None)
         if model in self.aliases:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
+from adapters_store.redis_server import EmbeddedRedis
 from tests.gateway_server import GatewayProcess
+from tests.prometheus_server import free_port
 
 KIT_ALIASES = {"sentiment", "reverse", "qa"}
+PROPAGATION_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +78,60 @@ def test_every_patch_is_carried_and_measured(upgraded, manifest, kit_dir):
         assert admin.post("/admin/bases", json={"name": "base-v3", "version": "x",
                                                 "path": "/nonexistent"}).status_code == 422
         assert not {"base-v3", "base-v4"} & {b["name"] for b in admin.get("/admin/bases").json()}
+
+
+def _served_by(gw: GatewayProcess, model: str) -> tuple[int, str]:
+    r = httpx.post(f"{gw.url}/v1/completions", timeout=60,
+                   json={"model": model, "prompt": "Q: x\nA:", "max_tokens": 2, "temperature": 0})
+    return r.status_code, r.headers.get("x-patchserve-served-by") or r.json()["error"]["code"]
+
+
+def _until(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.05)
+    return result
+
+
+def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, tmp_path):
+    """With move=true, the alias whose gate passes moves to base-v2 and a gateway of base-v2 serves it;
+    the others stay on base-v1; each gateway answers 421 for an alias on the base it does not host."""
+    server = EmbeddedRedis(tmp_path / "redis", free_port()).start()
+    shared = {"PATCHSERVE_REDIS_URL": server.url, "PATCHSERVE_BLOB_DIR": str(tmp_path / "blobs")}
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    gateways = []
+    try:
+        v1 = GatewayProcess(kit_dir, "transformers", tmp_path / "v1", **shared).start()
+        gateways.append(v1)
+        with v1.admin() as admin:
+            # qa's owner accepts some regression for the new base; the other aliases keep the default gate.
+            relaxed = {"max_nfr": 0.5, "min_score_delta": -0.2, "max_perplexity_ratio": 3.0}
+            assert admin.put("/admin/aliases/qa/gate", json=relaxed).status_code == 200
+            r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit",
+                                                 "path": str(kit_dir / "base-v2"), "move": True})
+            job = _until(lambda: (j := admin.get(r.headers["location"]).json())["state"] in ("succeeded", "failed")
+                         and j, timeout=300)
+            assert job["state"] == "succeeded", job
+            moved = {row["alias"]: row["moved"] for row in job["result"]["aliases"]}
+            assert moved == {"qa": True, "sentiment": False, "reverse": False}, job["result"]
+            pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
+            assert pointers["qa"] == ("qa@2", "base-v2") and pointers["sentiment"] == ("sentiment@1", "base-v1")
+
+        v2 = GatewayProcess(kit_dir, "transformers", tmp_path / "v2", PATCHSERVE_BASE="base-v2", **shared).start()
+        gateways.append(v2)
+        assert _served_by(v2, "qa") == (200, "base=base-v2; patch=qa@2")
+        assert _served_by(v2, "sentiment") == (421, "base_not_hosted")
+        assert _until(lambda: _served_by(v1, "qa") == (421, "base_not_hosted"))
+        assert _served_by(v1, "sentiment") == (200, "base=base-v1; patch=sentiment@1")
+
+        with v1.admin(v1.admin_key) as admin:  # one call undoes the upgrade for qa
+            back = admin.post("/admin/aliases/qa/rollback", json={"reason": "customers prefer the old base"})
+            assert back.status_code == 200 and back.json()["ref"] == "qa@1"
+        assert _served_by(v1, "qa") == (200, "base=base-v1; patch=qa@1")
+        assert _until(lambda: _served_by(v2, "qa") == (421, "base_not_hosted"), timeout=PROPAGATION_S)
+    finally:
+        for gw in gateways:
+            gw.stop()
+        server.stop()

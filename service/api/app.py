@@ -129,7 +129,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     async def replica() -> dict:
         """What this replica serves now, read at one instant (no engine round trip, unlike /readyz)."""
         aliases = {alias: resolver.pointer(alias).engine_name for alias in resolver.aliases}
-        return {"engine": engine.name, "base": settings.base, "aliases": aliases, "adapters": engine.adapters(),
+        return {"engine": engine.name, "base": settings.base, "aliases": aliases, "elsewhere": resolver.elsewhere,
+                "adapters": engine.adapters(),
                 "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile}
 
     @app.get("/metrics")

@@ -16,7 +16,7 @@ from service import metrics
 from service.api import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
 from service.adapter_pool import AdapterPool
-from service.resolver import Resolved, Resolver, UnknownModel
+from service.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
 
 
 class APIError(Exception):
@@ -97,6 +97,10 @@ class OpenAIServing:
             return self.resolver.resolve(model)
         except UnknownModel:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        except HostedElsewhere as exc:
+            # 421 Misdirected Request: right name, wrong server; a router sends it to a gateway of that base.
+            raise APIError(421, f"`{model}` is served on base {exc.base}, which this gateway does not host.",
+                           param="model", code="base_not_hosted") from None
 
     def submit_completion(self, req: p.CompletionRequest) -> Submission:
         resolved = self.resolve(req.model)
