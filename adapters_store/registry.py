@@ -394,10 +394,11 @@ class Registry:
                           if_current)
 
     def rollback(self, alias: str, to_version: int | None = None, actor: str = "system",
-                 reason: str = "") -> AliasPointer:
+                 reason: str = "", *, automatic: bool = False, expected: str | None = None) -> AliasPointer:
         """Move `alias` back to the version it pointed to before its last move, or to `to_version` of its patch.
 
         Rolling back twice returns to where it started, as the last move is what a rollback undoes.
+        `automatic` records it as `auto_rollback`; `expected` refuses (409) unless the alias points there now.
         If the alias moves between the read and the move, 409 (nothing is changed).
         """
         with self.r.pipeline(transaction=True) as pipe:  # pointer and last move read together
@@ -407,6 +408,8 @@ class Registry:
         if raw is None:
             raise RegistryError(404, f"no alias {alias!r}")
         current = _pointer_from(json.loads(raw))
+        if expected is not None and current.ref != expected:
+            raise RegistryError(409, f"alias {alias!r} points to {current.ref}, not {expected}: it moved meanwhile")
         if to_version is not None:
             patch, version = current.patch, int(to_version)
         else:
@@ -416,7 +419,8 @@ class Registry:
             patch, version = entry.from_patch, entry.from_version
         if (patch, version) == (current.patch, current.version):
             raise RegistryError(409, f"alias {alias!r} already points to {current.ref}")
-        return self._move(alias, patch, version, "", actor, reason, "rollback", current.ref)
+        return self._move(alias, patch, version, "", actor, reason, "auto_rollback" if automatic else "rollback",
+                          current.ref)
 
     def _move(self, alias: str, patch: str, version: int, base: str, actor: str, reason: str, action: str,
               if_current: str | None) -> AliasPointer:

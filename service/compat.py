@@ -100,6 +100,9 @@ class Gate:
     max_nfr: float = 0.10  # at most 1 in 10 items may get worse …
     min_score_delta: float = -0.02  # … and the task score may not drop by more than 2 points
     max_perplexity_ratio: float = 1.25  # no collapse on the probe set
+    # Live, after a move (service/live_guard.py): off unless set, as a version may be meant to answer differently.
+    min_live_agreement: float | None = None
+    live_window: int = 20
 
     def check(self, report: Report | dict) -> list[str]:
         """The reasons the candidate fails (empty: it passes)."""

@@ -50,6 +50,10 @@ hot_swaps = Counter(
     "patchserve_hot_swaps_total", "Alias pointer moves, by kind (activate, rollback, auto_rollback) and reason.",
     ["alias", "kind", "reason"], registry=REGISTRY)
 
+live_agreement = Gauge(
+    "patchserve_live_agreement", "Share of live greedy answers on which an alias's new version agreed with the "
+    "version it replaced (measured over the first requests after a move, when the alias asks for it).",
+    ["alias"], registry=REGISTRY)
 registry_repairs = Counter(
     "patchserve_registry_repairs_total",
     "Alias moves the periodic reconcile applied before any event did (an event missed or late).", registry=REGISTRY)

@@ -42,6 +42,8 @@ class GateRequest(_Request):
     max_nfr: float | None = Field(None, ge=0, le=1)
     min_score_delta: float | None = Field(None, ge=-1, le=1)
     max_perplexity_ratio: float | None = Field(None, gt=0)
+    min_live_agreement: float | None = Field(None, ge=0, le=1)
+    live_window: int | None = Field(None, ge=1, le=10_000)
 
 
 class JobView(BaseModel):

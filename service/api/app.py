@@ -29,6 +29,7 @@ from service.api.auth import require_admin, require_inference
 from service.api.serving import APIError, OpenAIServing, Submission
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
 from service.patch_admin import PatchAdmin
+from service.live_guard import LiveGuard
 from service.registry_sync import RegistrySync
 from service.resolver import Resolver
 from service.settings import Settings
@@ -59,7 +60,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
                          Limits.from_settings(settings), settings.base)
-    serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight)
+    serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
+                            guard=LiveGuard(store.registry, store.evals, resolver, pool, engine))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -79,6 +81,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
             worker.start()
         yield
         metrics.engine_ready.labels(engine.name).set(0)
+        await serving.guard.stop()
         if worker is not None:
             await asyncio.to_thread(worker.stop)
         await sync.stop()

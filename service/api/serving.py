@@ -84,12 +84,13 @@ class Submission:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, resolver: Resolver, pool: AdapterPool, max_in_flight: int):
+    def __init__(self, engine: Engine, resolver: Resolver, pool: AdapterPool, max_in_flight: int, guard=None):
         self.engine = engine
         self.resolver = resolver
         self.pool = pool
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.guard = guard  # a LiveGuard (service/live_guard.py): told of every request that finished
 
     # -- building a submission ------------------------------------------------------------------------
     def resolve(self, model: str) -> Resolved:
@@ -169,10 +170,14 @@ class OpenAIServing:
 
     async def events(self, sub: Submission) -> AsyncIterator[GenerationEvent]:
         # aclosing: a cancelled consumer closes the engine's stream at once, which aborts the request.
+        text = ""
         async with aclosing(self.engine.generate(sub.request)) as stream:
             async for event in stream:
                 sub.meter.on_event(event)
+                text += "".join(d.text for d in event.deltas if d.index == 0)
                 yield event
+        if self.guard is not None:  # finished normally: the live guard may compare it
+            self.guard.observe(sub.resolved, sub.request, text)
 
     async def complete(self, sub: Submission, chat: bool) -> dict:
         """Run a request to its end and return the whole response body."""
