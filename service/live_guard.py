@@ -1,5 +1,11 @@
-"""Automatic rollback on a live regression: after an alias moves, its new version is checked on live traffic.
+"""Automatic rollback on a live regression: new versions are checked against old ones on live traffic.
 
+Rollouts (canary, shadow): every greedy request a canary's candidate answers is replayed on the
+active version, and in shadow mode every request the active version answers is replayed on the
+candidate; if, after `min_requests`, they agree on less than `min_agreement`, the rollout stops
+itself (audited, `patchserve_rollouts_stopped_total{reason="automatic"}`).
+
+After a move:
 For the first `live_window` greedy requests an alias serves after a move (an activation, forced or
 gated), the same request is run again, in the background, on the version it replaced — still
 resident, as every alias's previous version is. The share of answers that agree is the live
@@ -21,11 +27,12 @@ from dataclasses import dataclass
 
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.registry import Registry, RegistryError
+from adapters_store.rollouts import Rollouts
 from service import metrics
 from service.adapter_pool import AdapterPool
 from service.engines.protocol import Engine, GenerationRequest
 from service.kit.evaluate import normalize
-from service.resolver import PatchVersion, Resolver
+from service.resolver import PatchVersion, Resolver, Trial
 
 log = logging.getLogger("patchserve.live_guard")
 
@@ -49,23 +56,65 @@ class LiveGuard:
     """Compares an alias's new version with its previous one on live requests; rolls back on disagreement."""
 
     def __init__(self, registry: Registry, evals: EvaluationStore, resolver: Resolver, pool: AdapterPool,
-                 engine: Engine):
+                 engine: Engine, rollouts: Rollouts):
         self.registry, self.evals, self.resolver, self.pool, self.engine = registry, evals, resolver, pool, engine
+        self.rollouts = rollouts
+        self._trials: dict[tuple[str, str], list] = {}  # (alias, candidate) → [compared, agreed, stopped]
         self._watches: dict[str, _Watch] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
     def observe(self, resolved, request: GenerationRequest, text: str) -> None:
-        """A request finished normally with `text`: compare it later if its alias's new version is under watch."""
+        """A request finished normally with `text`: compare it later if its alias is under watch or in a rollout."""
         s = request.sampling
         if resolved.patch is None or s.temperature != 0 or s.n != 1:
             return  # only greedy answers can be compared item by item
         current = self.resolver.pointer(resolved.model)
-        if current is None or current.engine_name != resolved.patch.engine_name:
-            return  # a pinned version, or the alias moved meanwhile
-        task = asyncio.create_task(self._compare(resolved.model, current, request, text))
+        if current is None:
+            return
+        trial = self.resolver.rollouts.get(resolved.model)
+        if trial is not None:
+            if resolved.patch == trial.candidate:  # a canary request: what would the active version have said?
+                self._spawn(self._compare_trial(resolved.model, trial, current, request, text))
+            elif trial.mode == "shadow" and resolved.patch == current:  # mirrored to the candidate
+                self._spawn(self._compare_trial(resolved.model, trial, trial.candidate, request, text))
+            return
+        if current.engine_name == resolved.patch.engine_name:  # not a pinned version, nor moved meanwhile
+            self._spawn(self._compare(resolved.model, current, request, text))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _compare_trial(self, alias: str, trial: Trial, other: PatchVersion, request: GenerationRequest,
+                             text: str) -> None:
+        """Count whether the candidate and the active version agree; stop the rollout if they agree too little."""
+        try:
+            answer = await self._answer(other, request)
+            stats = self._trials.setdefault((alias, trial.candidate.engine_name), [0, 0, False])
+            stats[0] += 1
+            stats[1] += normalize(answer) == normalize(text)
+            metrics.rollout_compared.labels(alias).inc()
+            metrics.rollout_agreed.labels(alias).inc(normalize(answer) == normalize(text))
+            compared, agreed, stopped = stats
+            if (trial.min_agreement is None or stopped or compared < trial.min_requests
+                    or agreed / compared >= trial.min_agreement):
+                return
+            stats[2] = True
+            reason = (f"{trial.mode} of {trial.candidate.engine_name}: agreement {agreed / compared:.2f} "
+                      f"< {trial.min_agreement} over {compared} requests")
+            try:
+                await asyncio.to_thread(self.rollouts.stop, alias, "live-guard", reason, True,
+                                        trial.candidate.engine_name)
+            except RegistryError:
+                return  # stopped or replaced meanwhile
+            metrics.rollouts_stopped.labels(alias, "automatic").inc()
+            log.warning("rollout stopped automatically", extra={"fields": {"alias": alias, "reason": reason}})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rollout comparison failed", extra={"fields": {"alias": alias}})
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -54,6 +54,12 @@ live_agreement = Gauge(
     "patchserve_live_agreement", "Share of live greedy answers on which an alias's new version agreed with the "
     "version it replaced (measured over the first requests after a move, when the alias asks for it).",
     ["alias"], registry=REGISTRY)
+rollout_compared = Counter("patchserve_rollout_compared", "Live answers of a rollout's candidate compared with "
+                           "the active version's (canary or shadow).", ["alias"], registry=REGISTRY)
+rollout_agreed = Counter("patchserve_rollout_agreed", "Of those, the answers on which they agreed.", ["alias"],
+                         registry=REGISTRY)
+rollouts_stopped = Counter("patchserve_rollouts_stopped", "Rollouts ended, by reason (operator, automatic).",
+                           ["alias", "reason"], registry=REGISTRY)
 registry_repairs = Counter(
     "patchserve_registry_repairs_total",
     "Alias moves the periodic reconcile applied before any event did (an event missed or late).", registry=REGISTRY)

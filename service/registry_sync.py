@@ -20,9 +20,10 @@ import redis
 import redis.asyncio as aioredis
 
 from adapters_store.registry import AliasPointer, Registry
+from adapters_store.rollouts import Rollouts
 from service import metrics
 from service.adapter_pool import AdapterPool
-from service.resolver import PatchVersion, Resolver
+from service.resolver import PatchVersion, Resolver, Trial
 
 log = logging.getLogger("patchserve.sync")
 
@@ -40,8 +41,9 @@ class RegistrySync:
     """Applies the registry's aliases and versions to one replica's resolver and adapter pool."""
 
     def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
-                 redis_url: str, interval_s: float = 1.0):
+                 redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None):
         self.registry = registry
+        self.rollouts = rollouts or Rollouts(registry)
         self.resolver = resolver
         self.pool = pool
         self.served_base = served_base
@@ -67,7 +69,7 @@ class RegistrySync:
         # Read under the lock: a snapshot read before another apply and applied after it would move an alias back.
         async with self._lock:
             try:
-                snapshot, versions, previous = await asyncio.to_thread(self._read_all)
+                snapshot, versions, previous, trials = await asyncio.to_thread(self._read_all)
             except redis.RedisError as exc:
                 metrics.redis_up.set(0)
                 log.warning("registry unreachable; serving the last known state",
@@ -80,6 +82,7 @@ class RegistrySync:
             for pointer in snapshot.values():
                 if await self._apply(pointer) and self.last_reconcile:
                     metrics.registry_repairs.inc()  # not the first apply at start: an event went missing
+            await self._apply_rollouts(trials)
             await self._keep(previous)
         self.last_reconcile = time.time()
 
@@ -100,7 +103,7 @@ class RegistrySync:
         snapshot = self.registry.snapshot()
         versions = {name: {v.version: _local(v) for v in self.registry.list_versions(name)}
                     for name in self.registry.list_patches()}
-        return snapshot, versions, self._previous_versions(snapshot)
+        return snapshot, versions, self._previous_versions(snapshot), self.rollouts.all()
 
     def _read_alias(self, alias: str):
         pointer = self.registry.get_alias(alias)
@@ -150,6 +153,20 @@ class RegistrySync:
                                                   "from": before.engine_name if before else None}})
         return True
 
+    async def _apply_rollouts(self, trials: dict) -> None:
+        """Serve each alias's rollout candidate here (loaded first); drop rollouts that ended."""
+        for alias in [a for a in self.resolver.rollouts if a not in trials]:
+            del self.resolver.rollouts[alias]
+        for alias, r in trials.items():
+            candidate = self.resolver.versions.get(r.patch, {}).get(r.version)
+            if candidate is None or candidate.base != self.served_base or alias not in self.resolver.aliases:
+                self.resolver.rollouts.pop(alias, None)
+                continue
+            trial = Trial(candidate, r.mode, r.percent, r.min_agreement, r.min_requests)
+            if self.resolver.rollouts.get(alias) != trial:
+                await self.pool.ensure(candidate)
+                self.resolver.rollouts[alias] = trial
+
     def _forget(self, alias: str) -> None:
         before = self.resolver.pointer(alias)
         self.resolver.aliases.pop(alias, None)
@@ -162,6 +179,8 @@ class RegistrySync:
         for alias in self.resolver.aliases:
             active = self.resolver.pointer(alias)
             wanted[active.engine_name] = active
+        for trial in self.resolver.rollouts.values():
+            wanted[trial.candidate.engine_name] = trial.candidate
         await self.pool.keep(wanted)
 
     # -- following ------------------------------------------------------------------------------------
@@ -183,7 +202,7 @@ class RegistrySync:
     async def _on_event(self, event: dict) -> None:
         if event.get("type") == "alias_moved":
             await self.sync_alias(event["alias"])
-        elif event.get("type") in ("version_created", "version_deleted"):
+        elif event.get("type") in ("version_created", "version_deleted", "rollout_changed"):
             await self.reconcile()
 
     async def _periodic(self) -> None:

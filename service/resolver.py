@@ -7,6 +7,8 @@ version (`sentiment@1`). The resolver holds plain data, this replica's view of t
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 
 
@@ -36,6 +38,24 @@ class PatchVersion:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """An alias's rollout as this replica serves it (adapters_store/rollouts.py)."""
+
+    candidate: PatchVersion
+    mode: str  # canary | shadow
+    percent: float
+    min_agreement: float | None
+    min_requests: int
+
+
+def _bucket(alias: str, user: str | None) -> float:
+    """Where a user falls in [0, 100): the same for every request of that user, so a canary is sticky."""
+    if user is None:
+        return random.random() * 100
+    return int(hashlib.sha256(f"{alias}:{user}".encode()).hexdigest()[:8], 16) % 10_000 / 100
+
+
+@dataclass(frozen=True)
 class Resolved:
     model: str  # the name as registered (the metrics' `alias` label)
     base: str
@@ -57,9 +77,10 @@ class Resolver:
     versions: dict[str, dict[int, PatchVersion]] = field(default_factory=dict)  # patch → version → it
     aliases: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias → (patch, version)
     elsewhere: dict[str, str] = field(default_factory=dict)  # alias → the base it is on, not hosted here
+    rollouts: dict[str, Trial] = field(default_factory=dict)  # alias → its canary or shadow candidate
 
-    def resolve(self, model: str) -> Resolved:
-        """The versions that serve `model` now; raises UnknownModel, or HostedElsewhere."""
+    def resolve(self, model: str, user: str | None = None) -> Resolved:
+        """The versions that serve `model` now (for `user`, under a canary); raises UnknownModel, HostedElsewhere."""
         if model in self.elsewhere:
             raise HostedElsewhere(model, self.elsewhere[model])
         if model in self.bases:
@@ -67,6 +88,9 @@ class Resolver:
         if model in self.aliases:
             patch, version = self.aliases[model]
             pv = self.versions[patch][version]
+            trial = self.rollouts.get(model)
+            if trial and trial.mode == "canary" and trial.candidate != pv and _bucket(model, user) < trial.percent:
+                pv = trial.candidate
             return Resolved(model=model, base=pv.base, patch=pv)
         name, sep, number = model.partition("@")
         if sep and number.isdigit() and int(number) in self.versions.get(name, {}):

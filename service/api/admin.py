@@ -22,7 +22,9 @@ from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
+from adapters_store.rollouts import Rollouts
 from adapters_store.validation import base_module_shapes
+from service import metrics
 from service.api import admin_protocol as a
 from service.api.auth import require_admin
 from service.api.serving import APIError
@@ -39,7 +41,7 @@ def _actor(key: ApiKey) -> str:
 
 
 def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, evals: EvaluationStore,
-                 jobs: JobQueue, max_upload_bytes: int, max_rank: int) -> APIRouter:
+                 jobs: JobQueue, rollouts: Rollouts, max_upload_bytes: int, max_rank: int) -> APIRouter:
     """The `/admin` routes over one replica's registry, patch operations, key store, evaluations and jobs."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -166,6 +168,29 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
                                                                 "version": body.version, "against": against},
                                       _actor(key))
         return _accepted(job)
+
+    @router.put("/aliases/{alias}/rollout")
+    async def rollout_start(alias: str, body: a.RolloutRequest, key: ApiKey = Depends(require_admin)) -> dict:
+        """Try a version on part of the alias's traffic (canary) or on a mirror of it (shadow)."""
+        if body.mode == "canary" and body.percent <= 0:
+            raise APIError(400, "a canary needs a percent above 0", param="percent")
+        started = await asyncio.to_thread(rollouts.start, alias, body.patch or alias, body.version, body.mode,
+                                          body.percent, body.min_agreement, body.min_requests, _actor(key),
+                                          body.reason)
+        return asdict(started)
+
+    @router.get("/aliases/{alias}/rollout")
+    async def rollout_show(alias: str) -> dict:
+        found = await asyncio.to_thread(rollouts.get, alias)
+        if found is None:
+            raise APIError(404, f"alias {alias!r} has no rollout", code="not_found")
+        return asdict(found)
+
+    @router.delete("/aliases/{alias}/rollout")
+    async def rollout_stop(alias: str, reason: str = "", key: ApiKey = Depends(require_admin)) -> dict:
+        stopped = await asyncio.to_thread(rollouts.stop, alias, _actor(key), reason)
+        metrics.rollouts_stopped.labels(alias, "operator").inc()
+        return {**asdict(stopped), "stopped": True}
 
     @router.put("/aliases/{alias}/evalset")
     async def evalset_put(alias: str, request: Request, metric: str = "exact_match",

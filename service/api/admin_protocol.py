@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +36,16 @@ class ExtractRequest(_Request):
     checkpoint: str = Field(min_length=1, max_length=4096)  # a directory on the server: a full fine-tune of `base`
     base: str | None = None  # default: the base this gateway serves
     rank: int = Field(ge=1)
+    reason: str = Field("", max_length=1000)
+
+
+class RolloutRequest(_Request):
+    version: int = Field(ge=1)
+    patch: str | None = None  # default: the patch named like the alias
+    mode: Literal["canary", "shadow"]
+    percent: float = Field(0.0, ge=0, le=100)  # canary: the share of users (sticky by `user`) given the candidate
+    min_agreement: float | None = Field(None, ge=0, le=1)  # stop by itself below this live agreement …
+    min_requests: int = Field(20, ge=1, le=100_000)  # … once this many answers were compared
     reason: str = Field("", max_length=1000)
 
 

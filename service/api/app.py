@@ -20,6 +20,7 @@ from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
 from adapters_store.registry import Registry, RegistryError
+from adapters_store.rollouts import Rollouts
 from adapters_store.validation import Limits, ValidationError
 from service import metrics
 from service.adapter_pool import AdapterPool
@@ -57,11 +58,13 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     """The gateway over `engine`, following the registry in `store`; the engine (and `worker`) start with the app."""
     resolver = Resolver(bases={name: settings.base for name in (settings.base, *settings.base_aliases)})
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
-    sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s)
+    rollouts = Rollouts(store.registry)
+    sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s,
+                        rollouts)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
                          Limits.from_settings(settings), settings.base)
     serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
-                            guard=LiveGuard(store.registry, store.evals, resolver, pool, engine))
+                            guard=LiveGuard(store.registry, store.evals, resolver, pool, engine, rollouts))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -91,7 +94,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     app.state.serving = serving
     app.state.keys = store.keys
     app.state.sync = sync
-    app.include_router(admin_router(store.registry, patches, store.keys, store.evals, store.jobs,
+    app.include_router(admin_router(store.registry, patches, store.keys, store.evals, store.jobs, rollouts,
                                     settings.max_upload_bytes, settings.max_lora_rank))
     inference = [Depends(require_inference)]
 

@@ -93,9 +93,9 @@ class OpenAIServing:
         self.guard = guard  # a LiveGuard (service/live_guard.py): told of every request that finished
 
     # -- building a submission ------------------------------------------------------------------------
-    def resolve(self, model: str) -> Resolved:
+    def resolve(self, model: str, user: str | None = None) -> Resolved:
         try:
-            return self.resolver.resolve(model)
+            return self.resolver.resolve(model, user)
         except UnknownModel:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         except HostedElsewhere as exc:
@@ -104,7 +104,7 @@ class OpenAIServing:
                            param="model", code="base_not_hosted") from None
 
     def submit_completion(self, req: p.CompletionRequest) -> Submission:
-        resolved = self.resolve(req.model)
+        resolved = self.resolve(req.model, req.user)
         if isinstance(req.prompt, str):
             ids = self.engine.tokenizer(req.prompt)["input_ids"]
         else:
@@ -112,7 +112,7 @@ class OpenAIServing:
         return self._submission(resolved, ids, req, req.max_tokens or 16, req.logprobs, "cmpl")
 
     def submit_chat(self, req: p.ChatCompletionRequest) -> Submission:
-        resolved = self.resolve(req.model)
+        resolved = self.resolve(req.model, req.user)
         messages = [m.model_dump() for m in req.messages]
         text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its BOS
