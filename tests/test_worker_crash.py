@@ -1,5 +1,8 @@
 """`kill -9` of a standalone worker mid-job: another worker takes the job over and it completes once.
 
+Twice: a gated activation (the alias moves once), and a base port killed after it carried a first
+patch (each patch is carried once: the retry finds the version its first attempt made).
+
 A gateway without an in-process worker and a `patchserve worker` process share a Redis the test
 started. A gated activation is queued; the worker is killed while the job runs; a second worker
 claims the job once it has been silent for the claim interval, and finishes it: the alias moves once,
@@ -65,6 +68,26 @@ def test_a_killed_worker_s_job_completes_once(kit_dir, tmp_path):
             assert [h["to_ref"] for h in history] == [f"{name}@1", f"{name}@2"], "moved exactly once"
             assert [v["version"] for v in admin.get(f"/admin/patches/{name}").json()["versions"]] == [1, 2]
             assert admin.get("/admin/jobs/dead-letters").json() == []
+
+            # A job that creates versions: the port to base-v2, killed after it carried a first patch.
+            port = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit",
+                                                    "path": str(kit_dir / "base-v2")}).headers["location"]
+            deadline = time.monotonic() + 120
+            while ": evaluating" not in (job := admin.get(port).json())["stage"]:
+                assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
+                time.sleep(0.02)
+            workers[1].kill()
+            workers[1].wait()
+            workers.append(_worker(env, (tmp_path / "worker-3.log").open("w")))
+            deadline = time.monotonic() + 300
+            while (job := admin.get(port).json())["state"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+            assert job["state"] == "succeeded" and job["attempts"] == 2, job
+            for alias in ("sentiment", "reverse", "qa", name):
+                versions = admin.get(f"/admin/patches/{alias}").json()["versions"]
+                ported = [v for v in versions if v["origin"] == "port"]
+                assert len(ported) == 1, f"{alias}: carried {len(ported)} times"
     finally:
         for w in workers:
             if w.poll() is None:
