@@ -36,6 +36,17 @@ class GatewayProcess:
         return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {key or self.admin_key}"},
                             timeout=60)
 
+    def wait_job(self, location: str, timeout: float = 300) -> dict:
+        """Poll a job (`/admin/jobs/{id}`, as a 202's location says) until it succeeded or failed; returns it."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self.admin() as admin:
+            while (job := admin.get(location).json())["state"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, f"job still {job['state']} at {job['progress']}% ({job['stage']})"
+                time.sleep(0.2)
+        return job
+
     def kill(self) -> None:
         """kill -9: no shutdown handler runs."""
         if self.proc and self.proc.poll() is None:

@@ -29,11 +29,7 @@ def upgraded(kit_dir, tmp_path_factory):
                                                  "path": str(kit_dir / "base-v2")})
             assert r.status_code == 202, r.text
             assert r.json()["base"]["name"] == "base-v2"
-            deadline = time.monotonic() + 300
-            while (job := admin.get(r.headers["location"]).json())["state"] not in ("succeeded", "failed"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.5)
-            yield gw, job
+            yield gw, gw.wait_job(r.headers["location"])
     finally:
         gw.stop()
 
@@ -111,8 +107,7 @@ def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, tmp_pa
             assert admin.put("/admin/aliases/qa/gate", json=relaxed).status_code == 200
             r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit",
                                                  "path": str(kit_dir / "base-v2"), "move": True})
-            job = _until(lambda: (j := admin.get(r.headers["location"]).json())["state"] in ("succeeded", "failed")
-                         and j, timeout=300)
+            job = v1.wait_job(r.headers["location"])
             assert job["state"] == "succeeded", job
             moved = {row["alias"]: row["moved"] for row in job["result"]["aliases"]}
             assert moved == {"qa": True, "sentiment": False, "reverse": False}, job["result"]

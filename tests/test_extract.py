@@ -8,7 +8,6 @@ At the engine's largest rank (16) the extracted patch must score within 0.1 of t
 from __future__ import annotations
 
 import random
-import time
 import uuid
 
 import openai
@@ -81,10 +80,7 @@ def test_extraction_job_registers_a_servable_version(gateways, kit_dir, fine_tun
         queued = admin.post(f"/admin/patches/{name}/extract", json={"checkpoint": str(checkpoint), "rank": 16,
                                                                     "reason": "tenant fine-tune"})
         assert queued.status_code == 202
-        deadline = time.monotonic() + 180
-        while (job := admin.get(queued.headers["location"]).json())["state"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        job = gw.wait_job(queued.headers["location"])
         assert job["state"] == "succeeded", job
         version = admin.get(f"/admin/patches/{name}/versions/{job['result']['version']}").json()
         assert version["origin"] == "extract" and version["meta"]["rank"] == 16
@@ -100,9 +96,6 @@ def test_extraction_job_registers_a_servable_version(gateways, kit_dir, fine_tun
         assert admin.post(f"/admin/patches/{name}/extract", json={"checkpoint": "/nonexistent",
                                                                   "rank": 4}).status_code == 422
         same = admin.post(f"/admin/patches/{name}/extract", json={"checkpoint": str(kit_dir / "base-v1"), "rank": 4})
-        deadline = time.monotonic() + 120
-        while (job := admin.get(same.headers["location"]).json())["state"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        job = gw.wait_job(same.headers["location"])
         assert job["state"] == "failed" and job["attempts"] == 1 and "does not differ" in job["error"]
         assert [v["version"] for v in admin.get(f"/admin/patches/{name}").json()["versions"]] == [1]

@@ -8,7 +8,6 @@ stays where it was, and the refusal is audited; an admin may still force it, wit
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -57,14 +56,6 @@ def _damaged(kit_dir: Path, out: Path) -> Path:
     return out
 
 
-def _finished(admin, location: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := admin.get(location).json())["state"] not in ("succeeded", "failed"):
-        assert time.monotonic() < deadline, f"job still {job['state']} at {job['progress']}% ({job['stage']})"
-        time.sleep(0.2)
-    return job
-
-
 def test_the_gate_passes_a_faithful_version_and_refuses_a_regression(gw, kit_dir, manifest, tmp_path):
     name = f"gate-{uuid.uuid4().hex[:8]}"
     rows = read_jsonl(kit_dir / "eval" / "reverse.jsonl")
@@ -81,7 +72,7 @@ def test_the_gate_passes_a_faithful_version_and_refuses_a_regression(gw, kit_dir
         second = admin.post(f"/admin/patches/{name}/versions", files=_files(kit_dir / "patches" / "reverse"),
                             data={"activate": "true", "reason": "same weights, new version"})
         assert second.status_code == 201 and second.json()["activation"]["job"]["type"] == "activate"
-        job = _finished(admin, f"/admin/jobs/{second.json()['activation']['job']['id']}")
+        job = gw.wait_job(f"/admin/jobs/{second.json()['activation']['job']['id']}")
         assert job["state"] == "succeeded" and job["result"]["activated"], job
         report = job["result"]["report"]
         assert (report["incumbent"], report["candidate"]) == (f"{name}@1", f"{name}@2")
@@ -96,7 +87,7 @@ def test_the_gate_passes_a_faithful_version_and_refuses_a_regression(gw, kit_dir
         assert third.status_code == 201 and "activation" not in third.json()
         queued = admin.post(f"/admin/aliases/{name}/activate", json={"version": 3, "reason": "try it"})
         assert queued.status_code == 202
-        job = _finished(admin, queued.headers["location"])
+        job = gw.wait_job(queued.headers["location"])
         assert job["state"] == "succeeded" and job["result"]["activated"] is False
         assert any("negative flip rate" in r for r in job["result"]["gate"]["reasons"]), job["result"]["gate"]
         assert admin.get(f"/admin/aliases/{name}").json()["ref"] == f"{name}@2", "a refused version never serves"
