@@ -27,6 +27,13 @@ async def _traffic(gw, alias: str, prompts: list[str]) -> list[str]:
     return [r.headers["x-patchserve-served-by"] for r in raws]
 
 
+def _eventually(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.1)
+
+
 def _wait_for(admin, alias: str, ref: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while (detail := admin.get(f"/admin/aliases/{alias}").json())["ref"] != ref:
@@ -59,7 +66,8 @@ async def test_a_forced_regression_is_rolled_back_by_live_traffic(gateways, kit_
         audit = [e for e in admin.get("/admin/audit", params={"limit": 100}).json() if e["target"] == name]
         assert audit[-1]["action"] == "auto_rollback"
         assert gw.metric("patchserve_live_agreement", alias=name) < 0.5
-        assert gw.metric("patchserve_hot_swaps_total", alias=name, kind="auto_rollback", reason="automatic") == 1
+        _eventually(lambda: gw.metric("patchserve_hot_swaps_total", alias=name, kind="auto_rollback",
+                                      reason="automatic") == 1)  # counted when this replica applies the move
         assert set(await _traffic(gw, name, prompts[:2])) == {f"base=base-v1; patch={name}@1"}
 
         # The same watch on a faithful version: it agrees, and it stays.
@@ -115,7 +123,7 @@ def test_a_canary_is_sticky_per_user_and_stops_itself_when_it_disagrees(gateways
                 _served(gw, name, u, prompts[len(u) % len(prompts)])
         audit = [e for e in admin.get("/admin/audit", params={"limit": 100}).json() if e["target"] == name]
         assert audit[-1]["action"] == "rollout_stopped_automatically" and "agreement" in audit[-1]["reason"]
-        assert gw.metric("patchserve_rollouts_stopped_total", alias=name, reason="automatic") == 1
+        _eventually(lambda: gw.metric("patchserve_rollouts_stopped_total", alias=name, reason="automatic") == 1)
         assert admin.get(f"/admin/aliases/{name}").json()["ref"] == f"{name}@1", "the alias itself never moved"
         deadline = time.monotonic() + 5
         while {_served(gw, name, u, prompts[0]) for u in users} != {f"base=base-v1; patch={name}@1"}:
@@ -137,7 +145,12 @@ def test_shadow_mode_mirrors_without_answering(gateways, kit_dir):
         while gw.metric("patchserve_rollout_compared_total", alias=name) < len(prompts):
             assert time.monotonic() < deadline, "requests were not mirrored"
             assert {_served(gw, name, None, p) for p in prompts} == {f"base=base-v1; patch={name}@1"}
-        compared = gw.metric("patchserve_rollout_compared_total", alias=name)
+        # Mirrors run after each answer: let the last ones finish before reading the two counters.
+        previous = -1.0
+        while (compared := gw.metric("patchserve_rollout_compared_total", alias=name)) != previous:
+            assert time.monotonic() < deadline + 30, "mirrors never settled"
+            previous = compared
+            time.sleep(0.5)
         assert gw.metric("patchserve_rollout_agreed_total", alias=name) == compared, "same weights: all agree"
         assert admin.get(f"/admin/aliases/{name}/rollout").json()["mode"] == "shadow", "an agreeing shadow stays"
         stopped = admin.delete(f"/admin/aliases/{name}/rollout", params={"reason": "seen enough"})
