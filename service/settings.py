@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,7 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PATCHSERVE_", extra="ignore")
 
     data_dir: Path = Path(".patchserve")
-    kit_dir: Path | None = None  # default: <data_dir>/kit
+    kit_dir: Path | None = None  # default: <data_dir>/kit; every path is made absolute at load
     kit_seed: int = 1234
 
     engine: Literal["auto", "vllm", "transformers"] = "auto"
@@ -54,13 +55,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 << 20
     max_safetensors_header_bytes: int = 1 << 20
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> "Settings":
+        # Resolved once, here: redis-server changes into its --dir before it opens its log, and no
+        # component may depend on the directory the process happened to start in.
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.kit_dir = (self.kit_dir or self.data_dir / "kit").expanduser().resolve()
+        self.blob_dir = (self.blob_dir or self.data_dir / "blobs").expanduser().resolve()
+        return self
+
     @property
     def blob_path(self) -> Path:
-        return self.blob_dir or self.data_dir / "blobs"
+        return self.blob_dir
 
     @property
     def kit_path(self) -> Path:
-        return self.kit_dir or self.data_dir / "kit"
+        return self.kit_dir
 
 
 @lru_cache

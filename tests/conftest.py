@@ -116,3 +116,44 @@ def gateways(kit_dir, tmp_path_factory):
 def gateway(request, gateways):
     """A live `patchserve serve` on each engine (shared by the session: change only what you create)."""
     return gateways.get(request.param)
+
+
+# -- figures a test wants a person to see at the end of the run ------------------------------------------
+def pytest_terminal_summary(terminalreporter):
+    from tests.run_summary import SUMMARY
+
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
+
+
+# -- nothing the suite starts outlives it --------------------------------------------------------------
+def _redis_servers() -> set[int]:
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-f", "redis-server"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def pytest_sessionstart(session):
+    session.config._redis_before = _redis_servers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a redis-server that the suite started is still running once every fixture is gone."""
+    import time
+
+    before = getattr(session.config, "_redis_before", None)
+    if before is None or getattr(session.config, "workerinput", None) is not None:
+        return
+    deadline = time.monotonic() + 10  # a server told to stop takes a moment to write its AOF and exit
+    while (left := _redis_servers() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:
+        reporter.write("\n")
+    if left:
+        if reporter:
+            reporter.write_line(f"redis-server processes left running by the suite: {sorted(left)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter:
+        reporter.write_line(f"redis-server processes: {len(before)} before the suite, {len(before)} after")

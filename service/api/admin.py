@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,13 +29,24 @@ from adapters_store.validation import base_module_shapes
 from service import metrics
 from service.api import admin_protocol as a
 from service.api.auth import require_admin
-from service.api.serving import APIError
+from service.api.errors import APIError
 from service.patch_admin import PatchAdmin
 from service.update_jobs import gate_for
 
 _FORM_FIELDS = {"base", "reason", "activate", "alias"}
 _MULTIPART_SLACK = 256 << 10
 _EVALSET_LIMIT = 16 << 20  # boundaries, part headers, the config file and form fields
+
+
+def _checkpoint_dir(path: str, param: str) -> Path:
+    """The absolute checkpoint directory at `path` on this server, or a 422 naming `param`."""
+    try:
+        resolved = Path(path).resolve()
+        if (resolved / "config.json").is_file():
+            return resolved
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        pass
+    raise APIError(422, f"{path[:200]!r} is not a checkpoint directory on this server (no config.json)", param=param)
 
 
 def _actor(key: ApiKey) -> str:
@@ -66,15 +79,13 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
     @router.post("/bases", status_code=202)
     async def base_register(body: a.BaseRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
         """Register a new base release, then queue the port job: every alias's patch carried to it and measured."""
-        config_path = Path(body.path) / "config.json"
-        if not config_path.is_file():
-            raise APIError(422, f"{body.path!r} is not a checkpoint directory (no config.json)", param="path")
+        checkpoint = _checkpoint_dir(body.path, "path")
         try:
-            shapes = base_module_shapes(json.loads(config_path.read_text()))
+            shapes = base_module_shapes(json.loads((checkpoint / "config.json").read_text()))
         except (ValueError, KeyError) as exc:
             raise APIError(422, f"cannot read the base's config: {exc}", param="path") from None
         record = await asyncio.to_thread(registry.register_base, body.name, body.version,
-                                         path=str(Path(body.path).resolve()), module_shapes=shapes,
+                                         path=str(checkpoint), module_shapes=shapes,
                                          actor=_actor(key))
         job = await asyncio.to_thread(jobs.submit, "port", {"base": record.name, "move": body.move}, _actor(key))
         return _accepted(job, base=a.Base(**vars(record)).model_dump())
@@ -248,12 +259,9 @@ def admin_router(registry: Registry, patches: PatchAdmin, keys: ApiKeyStore, eva
         base = body.base or patches.served_base
         if await asyncio.to_thread(registry.get_base, base) is None:
             raise APIError(422, f"unknown base {base!r}", param="base")
-        checkpoint = Path(body.checkpoint)
-        if not (checkpoint / "config.json").is_file():
-            raise APIError(422, f"{body.checkpoint!r} is not a checkpoint directory (no config.json)",
-                           param="checkpoint")
+        checkpoint = _checkpoint_dir(body.checkpoint, "checkpoint")
         job = await asyncio.to_thread(jobs.submit, "extract", {"name": name, "base": base, "rank": body.rank,
-                                                               "checkpoint": str(checkpoint.resolve()),
+                                                               "checkpoint": str(checkpoint),
                                                                "reason": body.reason}, _actor(key))
         return _accepted(job)
 
@@ -319,13 +327,20 @@ def _public(key: ApiKey) -> dict:
             "created_by": key.created_by}
 
 
+_AUDIT_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")  # what fits a Redis stream id (64 bits a part)
+
+
 def _since(since: str | None) -> str | float | None:
     # An audit entry id ("1700000000000-0") reads after that entry; a number is a Unix time in seconds.
-    if since is None or "-" in since:
+    if since is None or _AUDIT_ID.fullmatch(since):
         return since
     try:
-        return float(since)
+        seconds = float(since)
     except ValueError:
-        raise APIError(400, "since must be an audit entry id or a Unix time in seconds", param="since") from None
+        seconds = math.nan
+    if not 0 <= seconds < 1e12:  # also refuses nan and inf
+        raise APIError(400, "since must be an audit entry id (like 1700000000000-0) or a Unix time in seconds",
+                       param="since")
+    return seconds
 
 

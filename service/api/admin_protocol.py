@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.edge_model import EdgeModel
 
-class _Request(BaseModel):
+
+class _Request(EdgeModel):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -6,12 +6,11 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,16 +18,17 @@ from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
-from adapters_store.registry import Registry, RegistryError
+from adapters_store.registry import Registry
 from adapters_store.rollouts import Rollouts
-from adapters_store.validation import Limits, ValidationError
+from adapters_store.validation import Limits
 from service import metrics
 from service.adapter_pool import AdapterPool
 from service.api import protocol as p
 from service.api.admin import admin_router
 from service.api.auth import require_admin, require_inference
-from service.api.serving import APIError, OpenAIServing, Submission
-from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
+from service.api.errors import APIError, install_error_handlers
+from service.api.serving import OpenAIServing, Submission
+from service.engines.protocol import Engine, GenerationRequest, RequestRefused, SamplingConfig
 from service.patch_admin import PatchAdmin
 from service.live_guard import LiveGuard
 from service.registry_sync import RegistrySync
@@ -38,8 +38,6 @@ from service.worker import Worker
 
 log = logging.getLogger("patchserve.api")
 SERVED_BY = "x-patchserve-served-by"
-_CODES = {400: "invalid_request", 404: "not_found", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-          422: "unprocessable"}
 
 
 @dataclass
@@ -54,8 +52,12 @@ class Store:
     redis_url: str
 
 
-def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker | None = None) -> FastAPI:
-    """The gateway over `engine`, following the registry in `store`; the engine (and `worker`) start with the app."""
+def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker | None = None,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The gateway over `engine`, following the registry in `store`; the engine (and `worker`) start with the app.
+
+    `on_ready` is called once every alias is loaded and the first request can be admitted.
+    """
     resolver = Resolver(bases={name: settings.base for name in (settings.base, *settings.base_aliases)})
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
     rollouts = Rollouts(store.registry)
@@ -82,6 +84,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
         metrics.compatibility.source = store.evals.reports
         if worker is not None:
             worker.start()
+        if on_ready is not None:
+            on_ready()
         yield
         metrics.engine_ready.labels(engine.name).set(0)
         await serving.guard.stop()
@@ -98,24 +102,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
                                     settings.max_upload_bytes, settings.max_lora_rank))
     inference = [Depends(require_inference)]
 
-    @app.exception_handler(RegistryError)
-    @app.exception_handler(ValidationError)
-    async def refused(_: Request, exc: RegistryError | ValidationError) -> JSONResponse:
-        error = APIError(exc.status_code, exc.message, param=getattr(exc, "field", None), code=_CODES.get(exc.status_code))
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, "The request body is not valid JSON.").body(), status_code=400)
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(APIError(400, message, param=".".join(loc) or None).body(), status_code=400)
+    install_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -187,6 +174,10 @@ async def _serve(serving: OpenAIServing, sub: Submission, chat: bool, stream: bo
             async for chunk in serving.stream(sub, chat, include_usage):
                 yield chunk
             status = 200
+        except RequestRefused as exc:  # the headers are gone: the refusal is the stream's last event
+            status = 400
+            yield f"data: {json.dumps(APIError(400, f'The engine refused this request: {exc}').body())}\n\n"
+            yield "data: [DONE]\n\n"
         except Exception as exc:
             status = 500
             log.exception("generation failed", extra={"fields": {"request_id": sub.request.request_id}})

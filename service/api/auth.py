@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import Request
 
 from adapters_store.keys import ApiKey, ApiKeyStore
-from service.api.serving import APIError
+from service.api.errors import APIError
 
 ADMIN_KEY_FILE = "admin.key"
 

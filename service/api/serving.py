@@ -14,23 +14,10 @@ from dataclasses import dataclass, field
 
 from service import metrics
 from service.api import protocol as p
+from service.api.errors import APIError
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
 from service.adapter_pool import AdapterPool
 from service.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
-
-
-class APIError(Exception):
-    """An error answered the OpenAI way: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return p.ErrorResponse(error=p.ErrorBody(message=self.message, type=self.type, param=self.param,
-                                                 code=self.code)).model_dump()
 
 
 @dataclass
@@ -81,6 +68,7 @@ class Submission:
     resolved: Resolved
     request: GenerationRequest
     meter: _Meter
+    echo: str = ""  # completions with `echo`: the prompt's text, put before each choice's text
 
 
 class OpenAIServing:
@@ -105,15 +93,26 @@ class OpenAIServing:
 
     def submit_completion(self, req: p.CompletionRequest) -> Submission:
         resolved = self.resolve(req.model, req.user)
+        tokenizer = self.engine.tokenizer
         if isinstance(req.prompt, str):
-            ids = self.engine.tokenizer(req.prompt)["input_ids"]
+            ids = tokenizer(req.prompt)["input_ids"]
         else:
             ids = list(req.prompt)
-        return self._submission(resolved, ids, req, req.max_tokens or 16, req.logprobs, "cmpl")
+            vocab = len(tokenizer)
+            if bad := [t for t in ids if not 0 <= t < vocab]:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside this model's vocabulary "
+                                    f"(0 to {vocab - 1})", param="prompt")
+        if req.echo and req.logprobs is not None:
+            # vLLM answers this with the prompt's own logprobs; no engine here computes them yet.
+            raise APIError(400, "echo with logprobs is not supported: send one or the other", param="echo")
+        sub = self._submission(resolved, ids, req, req.max_tokens or 16, req.logprobs, "cmpl")
+        if req.echo:
+            sub.echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)
+        return sub
 
     def submit_chat(self, req: p.ChatCompletionRequest) -> Submission:
         resolved = self.resolve(req.model, req.user)
-        messages = [m.model_dump() for m in req.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its BOS
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -182,7 +181,7 @@ class OpenAIServing:
     async def complete(self, sub: Submission, chat: bool) -> dict:
         """Run a request to its end and return the whole response body."""
         n = sub.request.sampling.n
-        texts, finish = [""] * n, [None] * n
+        texts, finish = [sub.echo] * n, [None] * n
         logprobs: list[list] = [[] for _ in range(n)]
         async for event in self.events(sub):
             for d in event.deltas:
@@ -214,6 +213,9 @@ class OpenAIServing:
         want_logprobs = sub.request.sampling.logprobs is not None
         if chat:
             yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}
+                                            for i in range(sub.request.sampling.n)]})
+        elif sub.echo:
+            yield _sse({**head, "choices": [{"index": i, "text": sub.echo, "finish_reason": None}
                                             for i in range(sub.request.sampling.n)]})
         async for event in self.events(sub):
             choices = []

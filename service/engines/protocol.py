@@ -73,8 +73,8 @@ class EngineHooks:
     kv_cache: list[Callable[[object], object]] = field(default_factory=list)
 
 
-class EngineOverloaded(Exception):
-    """The engine cannot take another request now; the gateway answers 503 with Retry-After."""
+class RequestRefused(ValueError):
+    """The engine will not run this request as asked (a sampling setting it refuses); the gateway answers 400."""
 
 
 class Engine(Protocol):

@@ -14,6 +14,7 @@ from service.engines.protocol import (
     GenerationEvent,
     GenerationRequest,
     OutputDelta,
+    RequestRefused,
     TokenLogprob,
 )
 from service.settings import Settings
@@ -48,7 +49,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=self.model_dir, dtype="float32", enforce_eager=True, enable_lora=True,
             max_lora_rank=self.settings.max_lora_rank, max_loras=self.settings.max_loras,
-            max_model_len=self.max_model_len, seed=0, disable_log_stats=True,
+            max_model_len=self.max_model_len, seed=0, disable_log_stats=True, use_tqdm_on_load=False,
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -90,11 +91,14 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         s = request.sampling
-        params = SamplingParams(
-            n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            stop=list(s.stop) or None, logprobs=s.logprobs, ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                stop=list(s.stop) or None, logprobs=s.logprobs, ignore_eos=s.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's VLLMValidationError is one: its own checks of the settings
+            raise RequestRefused(str(exc)) from None
         lora = None
         if request.adapter is not None:
             await self.add_adapter(request.adapter)  # no-op when resident
