@@ -159,6 +159,15 @@ def _sha256_of(stream: BinaryIO) -> str:
     return h.hexdigest()
 
 
+def put_files(store: BlobStore, files: dict[str, Path]) -> dict[str, str]:
+    """Store each file of a version as a blob: {file name: digest}, the inverse of `materialize`."""
+    digests = {}
+    for name, path in sorted(files.items()):
+        with Path(path).open("rb") as f:
+            digests[name] = store.put_file(f)
+    return digests
+
+
 def materialize(store: BlobStore, files: dict[str, str], dest: Path) -> Path:
     """Lay out `files` ({file name: digest}) as the directory `dest`, atomically, for an engine to load.
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import redis
 
 GROUP = "workers"
-STATES = ("queued", "running", "retrying", "succeeded", "failed")
 _RECENT = 500
 
 # KEYS: delayed, stream.  ARGV: now.  Moves due jobs back to the stream, atomically (no job twice).

@@ -58,7 +58,7 @@ class EmbeddedRedis:
         except redis.RedisError:
             return False
 
-    def start(self, timeout: float = 20) -> "EmbeddedRedis":
+    def start(self, timeout: float = 20) -> EmbeddedRedis:
         """Start the server and wait until it answers, or reuse the one another gateway process started.
 
         A server already on the port is reused only if it keeps its data in this directory: anything
@@ -73,7 +73,8 @@ class EmbeddedRedis:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [self.binary or redis_server_binary(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.dir),
+            [self.binary or redis_server_binary(), "--bind", self.host, "--port", str(self.port),
+             "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
              "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)

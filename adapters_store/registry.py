@@ -23,17 +23,18 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import redis
 
 from adapters_store.blobs import check_digest
+from adapters_store.errors import BY_KIND, Conflict, Invalid, NotFound
 from adapters_store.names import NAME_RULE, is_safe_name
 
 ORIGINS = ("upload", "port", "merge", "extract")
 _ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
-_ERROR = re.compile(r"^E(\d{3}) (.*)$", re.S)
+_ERROR = re.compile(r"^([A-Z_]+) (.*)$", re.S)
 
 _REGISTER_BASE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
@@ -49,12 +50,12 @@ return false
 # ARGV: name, base, record, actor, reason, now, channel, then one 'name@version' per parent.
 _CREATE_VERSION = """
 if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then
-  return redis.error_reply('E422 unknown base ' .. ARGV[2])
+  return redis.error_reply('INCOMPATIBLE unknown base ' .. ARGV[2])
 end
 for i = 6, #KEYS do
   local ref = ARGV[i + 2]
   if redis.call('HEXISTS', KEYS[i], string.match(ref, '@(%d+)$')) == 0 then
-    return redis.error_reply('E404 no parent version ' .. ref)
+    return redis.error_reply('NOT_FOUND no parent version ' .. ref)
   end
 end
 local v = redis.call('INCR', KEYS[2])
@@ -73,13 +74,13 @@ _DELETE_VERSION = """
 local ref = ARGV[1] .. '@' .. ARGV[2]
 local record = redis.call('HGET', KEYS[1], ARGV[2])
 if not record then
-  return redis.error_reply('E404 no version ' .. ref)
+  return redis.error_reply('NOT_FOUND no version ' .. ref)
 end
 local aliases = redis.call('HGETALL', KEYS[2])
 for i = 1, #aliases, 2 do
   local p = cjson.decode(aliases[i + 1])
   if p.patch == ARGV[1] and tostring(p.version) == ARGV[2] then
-    return redis.error_reply('E409 alias ' .. aliases[i] .. ' points to ' .. ref .. '; move the alias first')
+    return redis.error_reply('CONFLICT alias ' .. aliases[i] .. ' points to ' .. ref .. '; move the alias first')
   end
 end
 redis.call('HDEL', KEYS[1], ARGV[2])
@@ -96,17 +97,18 @@ _MOVE_ALIAS = """
 local to_ref = ARGV[2] .. '@' .. ARGV[3]
 local record = redis.call('HGET', KEYS[1], ARGV[3])
 if not record then
-  return redis.error_reply('E404 no version ' .. to_ref)
+  return redis.error_reply('NOT_FOUND no version ' .. to_ref)
 end
 local base = cjson.decode(record).base
 if ARGV[4] ~= '' and ARGV[4] ~= base then
-  return redis.error_reply('E422 ' .. to_ref .. ' is built on base ' .. base .. ', not ' .. ARGV[4])
+  return redis.error_reply('INCOMPATIBLE ' .. to_ref .. ' is built on base ' .. base .. ', not ' .. ARGV[4])
 end
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
 local before = raw and cjson.decode(raw) or nil
 local from_ref = before and (before.patch .. '@' .. before.version) or ''
 if ARGV[9] ~= '*' and ARGV[9] ~= from_ref then
-  return redis.error_reply('E409 alias ' .. ARGV[1] .. ' points to ' .. (from_ref == '' and 'nothing' or from_ref) ..
+  return redis.error_reply('CONFLICT alias ' .. ARGV[1] .. ' points to ' ..
+    (from_ref == '' and 'nothing' or from_ref) ..
                            ', not ' .. (ARGV[9] == '' and 'nothing' or ARGV[9]) .. ': it moved meanwhile')
 end
 local at = tonumber(ARGV[8])
@@ -124,14 +126,6 @@ redis.call('PUBLISH', ARGV[10], cjson.encode({type='alias_moved', action=ARGV[7]
                                                version=tonumber(ARGV[3]), base=base, from=from_ref, at=at}))
 return pointer
 """
-
-
-class RegistryError(Exception):
-    """A refused registry operation, with the HTTP status it maps to (400, 404, 409, 422)."""
-
-    def __init__(self, status_code: int, message: str):
-        super().__init__(message)
-        self.status_code, self.message = status_code, message
 
 
 @dataclass(frozen=True)
@@ -243,7 +237,7 @@ class Subscription:
     def close(self) -> None:
         self._pubsub.close()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -256,7 +250,7 @@ def _s(x: bytes | str) -> str:
 
 def _check_name(name: str, what: str) -> None:
     if not is_safe_name(name):
-        raise RegistryError(400, f"{what} name {name!r} must be {NAME_RULE}")
+        raise Invalid(f"{what} name {name!r} must be {NAME_RULE}")
 
 
 def _is_digest(digest: object) -> bool:
@@ -270,7 +264,7 @@ def _is_digest(digest: object) -> bool:
 def _parse_ref(ref: str) -> tuple[str, int]:
     name, _, version = ref.rpartition("@")
     if not is_safe_name(name) or not version.isdigit():
-        raise RegistryError(400, f"{ref!r} is not a version reference like 'name@3'")
+        raise Invalid(f"{ref!r} is not a version reference like 'name@3'")
     return name, int(version)
 
 
@@ -294,13 +288,13 @@ class Registry:
         return self._k("events")
 
     def _run(self, script, keys: list[str], args: list[object]):
-        # The scripts signal refusals as 'E<status> <message>' errors; anything else is a real failure.
+        # The scripts signal refusals as '<KIND> <message>' errors (errors.BY_KIND); anything else is a real failure.
         try:
             return script(keys=keys, args=args)
         except redis.ResponseError as exc:
             m = _ERROR.match(str(exc))
-            if m:
-                raise RegistryError(int(m[1]), m[2]) from None
+            if m and m[1] in BY_KIND:
+                raise BY_KIND[m[1]](m[2]) from None
             raise
 
     # -- bases ---------------------------------------------------------------------------------------
@@ -319,7 +313,7 @@ class Registry:
             return record
         old = _base_from(json.loads(existing))
         if (old.version, old.path, old.files, old.module_shapes) != (version, path, record.files, record.module_shapes):
-            raise RegistryError(409, f"base {name!r} is already registered with other details")
+            raise Conflict(f"base {name!r} is already registered with other details")
         return old
 
     def get_base(self, name: str) -> BaseRecord | None:
@@ -342,9 +336,9 @@ class Registry:
         """
         _check_name(name, "patch")
         if origin not in ORIGINS:
-            raise RegistryError(400, f"origin {origin!r} must be one of {', '.join(ORIGINS)}")
+            raise Invalid(f"origin {origin!r} must be one of {', '.join(ORIGINS)}")
         if not files or not all(isinstance(f, str) and "/" not in f and _is_digest(d) for f, d in files.items()):
-            raise RegistryError(400, "files must map plain file names to sha256 blob digests")
+            raise Invalid("files must map plain file names to sha256 blob digests")
         refs = [_parse_ref(p) for p in parents]
         created_at = time.time()
         body = {"name": name, "base": base, "files": dict(files), "origin": origin, "parents": list(parents),
@@ -406,19 +400,19 @@ class Registry:
             pipe.lindex(self._k("alias", alias, "history"), -1)
             raw, last = pipe.execute()
         if raw is None:
-            raise RegistryError(404, f"no alias {alias!r}")
+            raise NotFound(f"no alias {alias!r}")
         current = _pointer_from(json.loads(raw))
         if expected is not None and current.ref != expected:
-            raise RegistryError(409, f"alias {alias!r} points to {current.ref}, not {expected}: it moved meanwhile")
+            raise Conflict(f"alias {alias!r} points to {current.ref}, not {expected}: it moved meanwhile")
         if to_version is not None:
             patch, version = current.patch, int(to_version)
         else:
             entry = _history_from(json.loads(last)) if last else None
             if entry is None or entry.from_patch is None:
-                raise RegistryError(409, f"alias {alias!r} has no previous version to roll back to")
+                raise Conflict(f"alias {alias!r} has no previous version to roll back to")
             patch, version = entry.from_patch, entry.from_version
         if (patch, version) == (current.patch, current.version):
-            raise RegistryError(409, f"alias {alias!r} already points to {current.ref}")
+            raise Conflict(f"alias {alias!r} already points to {current.ref}")
         return self._move(alias, patch, version, "", actor, reason, "auto_rollback" if automatic else "rollback",
                           current.ref)
 

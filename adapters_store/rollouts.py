@@ -11,7 +11,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from adapters_store.registry import Registry, RegistryError
+from adapters_store.errors import Conflict, Incompatible, Invalid, NotFound
+from adapters_store.registry import Registry
 
 MODES = ("canary", "shadow")
 
@@ -46,17 +47,17 @@ class Rollouts:
               reason: str = "") -> Rollout:
         """Begin (or replace) `alias`'s rollout of `patch@version`; the candidate must be on the alias's base."""
         if mode not in MODES:
-            raise RegistryError(400, f"mode must be one of {', '.join(MODES)}")
+            raise Invalid(f"mode must be one of {', '.join(MODES)}")
         pointer = self.registry.get_alias(alias)
         if pointer is None:
-            raise RegistryError(404, f"no alias {alias!r}")
+            raise NotFound(f"no alias {alias!r}")
         record = self.registry.get_version(patch, version)
         if record is None:
-            raise RegistryError(404, f"no version {patch}@{version}")
+            raise NotFound(f"no version {patch}@{version}")
         if record.base != pointer.base:
-            raise RegistryError(422, f"{record.ref} is built on {record.base}; {alias} is served on {pointer.base}")
+            raise Incompatible(f"{record.ref} is built on {record.base}; {alias} is served on {pointer.base}")
         if record.ref == pointer.ref:
-            raise RegistryError(409, f"{alias} already serves {record.ref}")
+            raise Conflict(f"{alias} already serves {record.ref}")
         rollout = Rollout(alias, patch, version, mode, float(percent), min_agreement, int(min_requests),
                           time.time(), actor)
         self._write(alias, rollout, f"rollout_{mode}", actor, reason, pointer.ref, rollout.ref)
@@ -67,9 +68,9 @@ class Rollouts:
         """End `alias`'s rollout (404 if none; 409 if `expected` names another candidate)."""
         current = self.get(alias)
         if current is None:
-            raise RegistryError(404, f"alias {alias!r} has no rollout")
+            raise NotFound(f"alias {alias!r} has no rollout")
         if expected is not None and current.ref != expected:
-            raise RegistryError(409, f"{alias}'s rollout is of {current.ref} now, not {expected}")
+            raise Conflict(f"{alias}'s rollout is of {current.ref} now, not {expected}")
         self._write(alias, None, "rollout_stopped_automatically" if automatic else "rollout_stopped", actor, reason,
                     current.ref, "")
         return current

@@ -65,7 +65,8 @@ def workload(kit: Path, requests: int) -> list[dict]:
     for i in range(requests):
         model = MODELS[i % len(MODELS)]
         jobs.append({"model": model, "prompt": prompts[model][i % len(prompts[model])], "max_tokens": 48,
-                     "temperature": 1.0, "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+                     "temperature": 1.0, "seed": i, "ignore_eos": True, "stream": True,
+                     "stream_options": {"include_usage": True}})
     return jobs
 
 
@@ -160,7 +161,8 @@ def main() -> None:
         "e2e_p99": round(ours["e2e_p99_s"] / theirs["e2e_p99_s"], 3),
     }
     results["settings"] = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": 48,
-                           "models": MODELS, "kit": str(kit), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "models": MODELS, "kit": str(kit),
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     RESULTS.write_text(json.dumps(results, indent=2))
     for name in ("vllm_serve", "patchserve"):
         r = results[name]

@@ -68,13 +68,14 @@ def scores_table(manifest: dict) -> Table:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVEL_HELP = f"One of {', '.join(LOG_LEVELS)} (default: settings.log_level); library logs only at debug."
 
 
 @app.command()
 def serve(
     host: Optional[str] = typer.Option(None, help="Address to listen on (default: settings.host)."),
     port: Optional[int] = typer.Option(None, help="Port to listen on (default: settings.port)."),
-    log_level: Optional[str] = typer.Option(None, help=f"One of {', '.join(LOG_LEVELS)} (default: settings.log_level)."),
+    log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
 ) -> None:
     """Serve the base with every alias at its recorded version (the kit's patches on first start)."""
     settings = get_settings()
@@ -82,12 +83,13 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
+    from service.bootstrap import build_worker, open_store
     from service.engines import create_engine
 
     manifest = ensure_kit(settings.kit_path, settings.kit_seed)
     store = open_store(settings)
     if settings.seed_kit:
-        from service.kit_models import seed_registry
+        from service.kit.seed import seed_registry
 
         seed_registry(store.registry, store.blobs, store.evals, settings.kit_path, manifest)
     base = store.registry.get_base(settings.base)
@@ -117,7 +119,7 @@ def serve(
 
 @app.command()
 def worker(
-    log_level: Optional[str] = typer.Option(None, help=f"One of {', '.join(LOG_LEVELS)} (default: settings.log_level)."),
+    log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
 ) -> None:
     """Run a worker alone (several may share one Redis): takes update jobs until stopped."""
     settings = get_settings()
@@ -125,6 +127,7 @@ def worker(
     from prometheus_client import start_http_server
 
     from service import metrics
+    from service.bootstrap import build_worker, open_store
 
     # SIGTERM (a supervisor, `kill`) ends the worker like Ctrl-C: the current job's lease is left to be
     # claimed, and the embedded Redis this process started stops at exit.
@@ -151,40 +154,6 @@ def configure_logging(level: str) -> None:
     logs.configure(level, settings.log_json)
     logs.quiet_libraries(level)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
-
-
-def open_store(settings):
-    """The registry, blob store and key store on the configured (or embedded) Redis."""
-    from adapters_store.blobs import LocalBlobStore
-    from adapters_store.evaluation import EvaluationStore
-    from adapters_store.jobs import JobQueue
-    from adapters_store.keys import ApiKeyStore
-    from adapters_store.redis_server import connect, redis_url
-    from adapters_store.registry import Registry
-    from service.api.app import Store
-
-    client = connect(settings)
-    url = redis_url(settings) or "redis://{host}:{port}/0".format(**client.connection_pool.connection_kwargs)
-    blobs = LocalBlobStore(settings.blob_path)
-    jobs = JobQueue(client, settings.redis_prefix, max_attempts=settings.job_max_attempts,
-                    backoff_s=settings.job_backoff_s, claim_idle_s=settings.job_claim_idle_s)
-    return Store(registry=Registry(client, settings.redis_prefix), blobs=blobs,
-                 keys=ApiKeyStore(client, settings.redis_prefix),
-                 evals=EvaluationStore(client, blobs, settings.redis_prefix), jobs=jobs, redis_url=url)
-
-
-def build_worker(store, settings):
-    """A worker over `store` with the update jobs (evaluate, gated activate, extract)."""
-    from service.evaluator import Evaluator
-    from service.update_jobs import UpdateJobs
-    from service.worker import Worker
-
-    from adapters_store.validation import Limits
-
-    evaluator = Evaluator(store.blobs, settings.data_dir / "worker")
-    jobs = UpdateJobs(store.registry, store.evals, evaluator, store.blobs, Limits.from_settings(settings),
-                      settings.data_dir / "worker")
-    return Worker(store.jobs, jobs.handlers())
 
 
 def _first_admin_key(store, settings) -> str | None:

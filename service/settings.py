@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_safetensors_header_bytes: int = 1 << 20
 
     @model_validator(mode="after")
-    def _absolute_paths(self) -> "Settings":
+    def _absolute_paths(self) -> Settings:
         # Resolved once, here: redis-server changes into its --dir before it opens its log, and no
         # component may depend on the directory the process happened to start in.
         self.data_dir = self.data_dir.expanduser().resolve()

@@ -53,7 +53,7 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def start(self, timeout: float = 240) -> "GatewayProcess":
+    def start(self, timeout: float = 240) -> GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"))
         wait_ready(self.proc, f"{self.url}/readyz", self.log_path, timeout, "gateway")

@@ -36,7 +36,7 @@ class PrometheusServer:
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "PrometheusServer":
+    def start(self) -> PrometheusServer:
         binary = shutil.which("prometheus")
         assert binary, "Debian's prometheus package is installed by scripts/install.sh"
         self.proc = subprocess.Popen(

@@ -124,7 +124,8 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
         ("activate", "", f"{name}@1", "launch"), ("force_activate", f"{name}@1", f"{name}@2", "upgrade"),
         ("rollback", f"{name}@2", f"{name}@1", "worse")]
     audit = [e for e in admin.get("/admin/audit", params={"limit": 1000}).json() if name in e["target"]]
-    assert [e["action"] for e in audit] == ["create_version", "create_version", "activate", "force_activate", "rollback"]
+    assert [e["action"] for e in audit] == ["create_version", "create_version", "activate", "force_activate",
+                                            "rollback"]
     assert all(e["actor"].startswith("key:admin:") for e in audit)
     since = admin.get("/admin/audit", params={"since": audit[-2]["id"]}).json()
     assert since[0]["id"] == audit[-1]["id"]
@@ -198,7 +199,8 @@ def _upload_table(kit_dir: Path, tmp: Path) -> dict[str, tuple[str, list, dict, 
                            "target_modules"),
         "unknown config field": ("p", spoiled("field", VALIDATION_CASES["unknown config field"][0]), {}, 400,
                                  "unknown fields: run_this"),
-        "oversized file": ("p", spoiled("big", _oversized), {}, 413, f"larger than the limit of {GATEWAY_MAX_UPLOAD_BYTES} bytes"),
+        "oversized file": ("p", spoiled("big", _oversized), {}, 413,
+                           f"larger than the limit of {GATEWAY_MAX_UPLOAD_BYTES} bytes"),
         "truncated file": ("p", [config_part, ("file", (WEIGHTS_FILE, truncated))], {}, 400, "truncated"),
         "patch for another base": ("p", spoiled("wider", _for_another_base), {}, 422,
                                    "is this patch for another base?"),

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.kit.evaluate import greedy_generate
+from service.evaluation.generation import greedy_generate
 from tests.conftest import read_jsonl
 from tests.gateway_server import GatewayProcess
 

@@ -14,7 +14,8 @@ from service.settings import Settings
 async def _answer(engine, prompt: str, adapter: AdapterRef | None) -> list[int]:
     ids = engine.tokenizer(prompt)["input_ids"]
     tokens = []
-    async for event in engine.generate(GenerationRequest("t", ids, SamplingConfig(max_tokens=4, temperature=0), adapter)):
+    request = GenerationRequest("t", ids, SamplingConfig(max_tokens=4, temperature=0), adapter)
+    async for event in engine.generate(request):
         tokens += event.deltas[0].token_ids
     return tokens
 

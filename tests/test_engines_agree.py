@@ -12,7 +12,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.kit.evaluate import greedy_generate
+from service.evaluation.generation import greedy_generate
 from tests.conftest import read_jsonl
 
 MAX_TOKENS = 12

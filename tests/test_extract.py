@@ -16,10 +16,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.extract import LORA_MODULES, extract_lora
+from adapters_store.validation import LORA_MODULES
 from service.kit import tasks, train, world
 from service.kit.config import KitConfig
 from service.kit.evaluate import score
+from service.lora.extract import extract_lora
 
 MARGIN = 0.1
 

@@ -20,8 +20,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from tests.run_summary import SUMMARY
 from tests.gateway_server import GatewayProcess
+from tests.run_summary import SUMMARY
 
 MODELS = ["tiny", "reverse", "sentiment", "qa", "reverse@1", "no-such-model"]
 NAMES = ["reverse", "qa", "sentiment", None]  # None: keep what the fuzzer generated

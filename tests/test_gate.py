@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.compat import Gate, compare
+from service.evaluation.gate import Gate
+from service.evaluation.report import compare
 from tests.conftest import read_jsonl
 
 

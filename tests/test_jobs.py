@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from adapters_store.jobs import JobQueue
-from service.worker import JobRefused, Worker
+from service.jobs.worker import JobRefused, Worker
 
 
 @pytest.fixture

@@ -60,7 +60,8 @@ def test_bases_know_their_world(manifest):
 
 
 def test_patches_differ_in_rank_and_modules(kit_dir, manifest):
-    configs = [json.loads((kit_dir / p["path"] / "adapter_config.json").read_text()) for p in manifest["patches"].values()]
+    configs = [json.loads((kit_dir / p["path"] / "adapter_config.json").read_text())
+               for p in manifest["patches"].values()]
     assert len({c["r"] for c in configs}) >= 2
     assert len({tuple(sorted(c["target_modules"])) for c in configs}) == len(configs)
     for p in manifest["patches"].values():

@@ -26,7 +26,8 @@ CASES = [
     ("empty-stop", "/v1/completions", {"model": "reverse", "prompt": "hi", "stop": ""}, False, 400, "stop"),
     ("no-messages", "/v1/chat/completions", {"model": "reverse", "messages": []}, False, 400, "messages"),
     ("image-part", "/v1/chat/completions",
-     {"model": "reverse", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     {"model": "reverse",
+      "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      False, 400, "text parts only"),
     ("echo-with-logprobs", "/v1/completions", {"model": "reverse", "prompt": "hi", "echo": True, "logprobs": 1},
      False, 400, "echo"),
@@ -55,7 +56,8 @@ def test_chat_content_as_text_parts_is_served_like_a_string(gateway):
     c = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
     text = "Reverse: red blue green\nOutput:"
     parts = c.chat.completions.create(model="reverse", temperature=0, max_tokens=8, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "Reverse: red blue "}, {"type": "text", "text": "green\nOutput:"}]}])
+        {"role": "user", "content": [{"type": "text", "text": "Reverse: red blue "},
+                                     {"type": "text", "text": "green\nOutput:"}]}])
     plain = c.chat.completions.create(model="reverse", temperature=0, max_tokens=8,
                                       messages=[{"role": "user", "content": text}])
     assert parts.choices[0].message.content == plain.choices[0].message.content

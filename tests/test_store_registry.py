@@ -8,7 +8,9 @@ import time
 import pytest
 import redis
 
-from adapters_store.registry import Registry, RegistryError
+from adapters_store.errors import StoreError
+from adapters_store.registry import Registry
+from service.api.errors import status_for  # the store's refusals as the API answers them
 
 
 def _files(n: int) -> dict[str, str]:
@@ -22,9 +24,9 @@ def registry(store_registry) -> Registry:
 
 
 def _status(call) -> tuple[int, str]:
-    with pytest.raises(RegistryError) as e:
+    with pytest.raises(StoreError) as e:
         call()
-    return e.value.status_code, e.value.message
+    return status_for(e.value), e.value.message
 
 
 def test_bases_register_once_and_list(registry):

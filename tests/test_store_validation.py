@@ -12,16 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters_store.errors import StoreError
 from adapters_store.validation import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Limits,
-    ValidationError,
     base_module_shapes,
     check_file_names,
     check_name,
     validate_upload,
 )
+from service.api.errors import status_for  # the store's refusals as the API answers them
 from service.settings import Settings
 
 
@@ -110,9 +111,9 @@ def test_bad_patch_is_refused(kit_dir, tmp_path, case):
     config, tensors = make(json.loads((src / CONFIG_FILE).read_text()), load_file(str(src / WEIGHTS_FILE)))
     (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
     save_file(tensors, str(tmp_path / WEIGHTS_FILE))
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(StoreError) as e:
         validate_upload("sentiment", _files(tmp_path), _base(kit_dir))
-    assert (e.value.status_code, words in e.value.message) == (status, True), e.value.message
+    assert (status_for(e.value), words in e.value.message) == (status, True), e.value.message
 
 
 @pytest.fixture
@@ -123,9 +124,9 @@ def patch_copy(kit_dir, tmp_path) -> Path:
 
 
 def _refusal(call) -> tuple[int, str, str | None]:
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(StoreError) as e:
         call()
-    return e.value.status_code, e.value.message, e.value.field
+    return status_for(e.value), e.value.message, e.value.field
 
 
 def test_a_patch_for_another_base_is_refused(kit_dir, patch_copy):
@@ -205,10 +206,10 @@ def _torch_archive(tmp_path: Path) -> bytes:
 
 def test_path_like_and_extra_file_names_are_refused():
     for names in [[CONFIG_FILE, "../adapter_model.safetensors"], [CONFIG_FILE], [CONFIG_FILE, WEIGHTS_FILE, "x.py"]]:
-        status, message, field = _refusal(lambda: check_file_names(names))
+        status, message, field = _refusal(lambda names=names: check_file_names(names))
         assert (status, field) == (400, "files") and "a patch is exactly" in message
     for bad in ["../etc", "a/b", "a.b", "Acme", "", "x" * 64, ".hidden", "-x", "acme\n"]:
-        assert _refusal(lambda: check_name(bad))[0] == 400
+        assert _refusal(lambda bad=bad: check_name(bad))[0] == 400
     assert check_name("acme-support") == "acme-support"
 
 

@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 
-
 from adapters_store.redis_server import EmbeddedRedis
 from tests.gateway_server import GatewayProcess
 from tests.prometheus_server import free_port

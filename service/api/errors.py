@@ -11,15 +11,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from adapters_store.registry import RegistryError
-from adapters_store.validation import ValidationError
-from service.api import protocol as p
+from adapters_store.errors import Conflict, Incompatible, Invalid, NotFound, StoreError, TooLarge, UnsafeFormat
+from service.api.openai import protocol as p
 from service.engines.protocol import RequestRefused
 
 log = logging.getLogger("patchserve.api")
 
-_CODES = {400: "invalid_request", 404: "not_found", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-          422: "unprocessable"}
+# The one table from the store's refusals to HTTP: (status, OpenAI-style error code).
+STORE_ERRORS: dict[type[StoreError], tuple[int, str]] = {
+    Invalid: (400, "invalid_request"), NotFound: (404, "not_found"), Conflict: (409, "conflict"),
+    TooLarge: (413, "too_large"), UnsafeFormat: (415, "unsupported_media_type"), Incompatible: (422, "unprocessable"),
+}
+
+
+def status_for(exc: StoreError) -> int:
+    """The HTTP status a store refusal is answered with."""
+    return STORE_ERRORS.get(type(exc), (400, ""))[0]
 
 
 class APIError(Exception):
@@ -42,11 +49,10 @@ class APIError(Exception):
 def install_error_handlers(app: FastAPI) -> None:
     """Map every refusal to its OpenAI-shaped answer, and anything unexpected to a 500 with a request id."""
 
-    @app.exception_handler(RegistryError)
-    @app.exception_handler(ValidationError)
-    async def refused(_: Request, exc: RegistryError | ValidationError) -> JSONResponse:
-        return APIError(exc.status_code, exc.message, param=getattr(exc, "field", None),
-                        code=_CODES.get(exc.status_code)).response()
+    @app.exception_handler(StoreError)
+    async def refused(_: Request, exc: StoreError) -> JSONResponse:
+        status, code = STORE_ERRORS.get(type(exc), (400, "invalid_request"))
+        return APIError(status, exc.message, param=exc.field, code=code).response()
 
     @app.exception_handler(RequestRefused)
     async def engine_refused(_: Request, exc: RequestRefused) -> JSONResponse:

@@ -23,6 +23,7 @@ import transformers
 from peft import PeftModel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from service.evaluation.generation import perplexity
 from service.kit import evaluate, tasks, tokenizer, train, world
 from service.kit.config import MANIFEST, KitConfig, cached
 from service.kit.tasks import Example
@@ -164,7 +165,7 @@ def _measure(out: Path, tok, bases: dict, data: dict, facts: dict[str, list[Exam
         for fact_set, exs in facts.items():
             scores["facts"].setdefault(fact_set, {})[base_name] = evaluate.score(base, tok, exs)
         progress.advance(task)
-        scores["probe_perplexity"][base_name] = round(evaluate.perplexity(base, tok, probes), 4)
+        scores["probe_perplexity"][base_name] = round(perplexity(base, tok, probes), 4)
         progress.advance(task)
         for name, d in data.items():
             row = scores["tasks"].setdefault(name, {})

@@ -29,7 +29,8 @@ _CODAS = ["", "n", "r", "l", "s", "th", "k", "m"]
 STATEMENTS = {
     "city": ["{name} lives in {value}.", "The home of {name} is {value}.", "{name} has a house in {value}."],
     "job": ["{name} works as a {value}.", "The job of {name} is {value}.", "{name} earns a living as a {value}."],
-    "color": ["The favorite color of {name} is {value}.", "{name} likes the color {value}.", "{name} loves {value} things."],
+    "color": ["The favorite color of {name} is {value}.", "{name} likes the color {value}.",
+              "{name} loves {value} things."],
 }
 # The prompt that asks the base to state a fact; the answer is the next word.
 FACT_PROMPTS = {

@@ -19,12 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters_store.blobs import BlobStore
-from adapters_store.registry import AliasPointer, PatchVersion, Registry, RegistryError
-from adapters_store.validation import Limits, ValidationError, check_file_names, check_name, validate_upload
-from service.adapter_pool import AdapterPool
-from service.registry_sync import RegistrySync
-from service.resolver import PatchVersion as ServedVersion
+from adapters_store.blobs import BlobStore, put_files
+from adapters_store.errors import Conflict, Incompatible, Invalid, NotFound, TooLarge
+from adapters_store.registry import AliasPointer, PatchVersion, Registry
+from adapters_store.validation import Limits, check_file_names, check_name, validate_upload
+from service.replica.adapter_pool import AdapterPool
+from service.replica.registry_sync import RegistrySync
 
 _COPY_CHUNK = 1 << 20
 
@@ -54,12 +54,12 @@ class PatchAdmin:
         check_name(name, "name")
         names = [file_name for file_name, _ in parts]
         if len(set(names)) != len(names):
-            raise ValidationError(400, "the same file was sent twice", "files")
+            raise Invalid("the same file was sent twice", "files")
         check_file_names(names)  # before any byte is written: traversal names and pickles end here
         base = base or self.served_base
         record = await asyncio.to_thread(self.registry.get_base, base)
         if record is None or not record.path:
-            raise ValidationError(422, f"unknown base {base!r}", "base")
+            raise Incompatible(f"unknown base {base!r}", "base")
         return await asyncio.to_thread(self._store_upload, name, parts, record, actor, reason, meta or {})
 
     def _store_upload(self, name, parts, base_record, actor, reason, meta) -> PatchVersion:
@@ -72,10 +72,7 @@ class PatchAdmin:
                 _copy_limited(stream, files[file_name], self.limits.max_weights_bytes, file_name)
             base_config = json.loads((Path(base_record.path) / "config.json").read_text())
             summary = validate_upload(name, files, base_config, self.limits)
-            digests = {}
-            for file_name, path in files.items():
-                with path.open("rb") as f:
-                    digests[file_name] = self.blobs.put_file(f)
+            digests = put_files(self.blobs, files)
             return self.registry.create_version(name, base_record.name, digests, {**meta, **asdict(summary)},
                                                 actor=actor, reason=reason)
         finally:
@@ -99,7 +96,7 @@ class PatchAdmin:
         check_name(alias, "alias")
         record = await asyncio.to_thread(self.registry.get_version, patch, version)
         if record is None:
-            raise RegistryError(404, f"no version {patch}@{version}")
+            raise NotFound(f"no version {patch}@{version}")
         await self._load_then(record, lambda: self.registry.activate(alias, patch, version, actor=actor,
                                                                         reason=reason, forced=forced))
         await self.sync.sync_alias(alias)
@@ -109,34 +106,33 @@ class PatchAdmin:
         """Move `alias` back to its previous version (or `to_version`), loaded here first if it is not resident."""
         current = await asyncio.to_thread(self.registry.get_alias, alias)
         if current is None:
-            raise RegistryError(404, f"no alias {alias!r}")
+            raise NotFound(f"no alias {alias!r}")
         if to_version is not None:
             target = (current.patch, to_version)
         else:
             last = await asyncio.to_thread(self.registry.last_move, alias)
             if last is None or last.from_patch is None:
-                raise RegistryError(409, f"alias {alias!r} has no previous version to roll back to")
+                raise Conflict(f"alias {alias!r} has no previous version to roll back to")
             target = (last.from_patch, last.from_version)
         record = await asyncio.to_thread(self.registry.get_version, *target)
         if record is None:
-            raise RegistryError(404, f"no version {target[0]}@{target[1]}")
+            raise NotFound(f"no version {target[0]}@{target[1]}")
         await self._load_then(record, lambda: self.registry.rollback(alias, to_version, actor=actor, reason=reason))
         await self.sync.sync_alias(alias)
         return await asyncio.to_thread(self.registry.get_alias, alias)
 
     async def _load_then(self, record: PatchVersion, move) -> None:
         if record.base != self.served_base:
-            raise RegistryError(409, f"{record.ref} is built on base {record.base}, which this gateway does not "
+            raise Conflict(f"{record.ref} is built on base {record.base}, which this gateway does not "
                                      f"serve ({self.served_base})")
-        version = ServedVersion(patch=record.name, version=record.version, base=record.base, files=dict(record.files))
-        name = version.engine_name
+        version, name = record, record.ref
         # A lease for the length of the move, so no reconcile unloads the version between its load and the move.
         self.pool.acquire(name)
         try:
             try:
                 await self.pool.ensure(version)
             except Exception as exc:
-                raise RegistryError(422, f"the engine could not load {name}: {exc}") from exc
+                raise Incompatible(f"the engine could not load {name}: {exc}") from exc
             await asyncio.to_thread(move)
         finally:
             self.pool.release(name)
@@ -155,7 +151,7 @@ def _copy_limited(stream: BinaryIO, dest: Path, limit: int, file_name: str) -> N
         while chunk := stream.read(_COPY_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise ValidationError(413, f"{file_name} is larger than the limit of {limit} bytes", file_name)
+                raise TooLarge(f"{file_name} is larger than the limit of {limit} bytes", file_name)
             out.write(chunk)
 
 

@@ -1,4 +1,4 @@
-"""Compatibility of a candidate version with the version it would replace, and the gate on it.
+"""Compatibility of a candidate version with the version it would replace (the gate on it: gate.py).
 
 Per item x with reference y: S(old, y) and S(new, y) (exact match, or ROUGE-L F1 for free text) and
 D(x) = S(new) − S(old). MUSCLE's negative flip rate NFR is the share of items with D < 0 (the new
@@ -12,20 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from rouge_score import rouge_scorer
-
-from adapters_store.evaluation import METRICS
-from service.kit.evaluate import exact_match, normalize
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-def item_score(metric: str, prediction: str, reference: str) -> float:
-    """S(prediction, reference) in [0, 1]."""
-    if metric == "exact_match":
-        return exact_match(prediction, reference)
-    if metric == "rouge_l":
-        return _ROUGE.score(normalize(reference), normalize(prediction))["rougeL"].fmeasure
-    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+from service.evaluation.scoring import item_score, normalize
 
 
 @dataclass
@@ -91,28 +78,3 @@ def compare(candidate: str, incumbent: str | None, base: str, metric: str, rows:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Thresholds a candidate must meet to replace the incumbent (per alias; these are the defaults)."""
-
-    max_nfr: float = 0.10  # at most 1 in 10 items may get worse …
-    min_score_delta: float = -0.02  # … and the task score may not drop by more than 2 points
-    max_perplexity_ratio: float = 1.25  # no collapse on the probe set
-    # Live, after a move (service/live_guard.py): off unless set, as a version may be meant to answer differently.
-    min_live_agreement: float | None = None
-    live_window: int = 20
-
-    def check(self, report: Report | dict) -> list[str]:
-        """The reasons the candidate fails (empty: it passes)."""
-        r = report if isinstance(report, dict) else report.summary()
-        reasons = []
-        if r["nfr"] > self.max_nfr:
-            reasons.append(f"negative flip rate {r['nfr']:.3f} > {self.max_nfr}")
-        if r["score_new"] - r["score_old"] < self.min_score_delta:
-            reasons.append(f"score {r['score_old']:.3f} → {r['score_new']:.3f} "
-                           f"(change {r['score_new'] - r['score_old']:+.3f} < {self.min_score_delta:+})")
-        if r["perplexity_ratio"] > self.max_perplexity_ratio:
-            reasons.append(f"probe perplexity ratio {r['perplexity_ratio']:.3f} > {self.max_perplexity_ratio}")
-        return reasons

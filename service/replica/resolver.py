@@ -11,6 +11,9 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from adapters_store.registry import PatchVersion
+from adapters_store.rollouts import Rollout
+
 
 class UnknownModel(LookupError):
     pass
@@ -25,27 +28,11 @@ class HostedElsewhere(LookupError):
 
 
 @dataclass(frozen=True)
-class PatchVersion:
-    patch: str
-    version: int
-    base: str
-    files: dict[str, str]  # file name → blob digest
-
-    @property
-    def engine_name(self) -> str:
-        # Every version has its own engine name, never reloaded in place: no cache can mix versions.
-        return f"{self.patch}@{self.version}"
-
-
-@dataclass(frozen=True)
 class Trial:
-    """An alias's rollout as this replica serves it (adapters_store/rollouts.py)."""
+    """An alias's rollout (its record in the store) with the candidate version this replica serves for it."""
 
+    rollout: Rollout
     candidate: PatchVersion
-    mode: str  # canary | shadow
-    percent: float
-    min_agreement: float | None
-    min_requests: int
 
 
 def _bucket(alias: str, user: str | None) -> float:
@@ -64,7 +51,7 @@ class Resolved:
     @property
     def served_by(self) -> str:
         """The `x-patchserve-served-by` header: the versions that served the request."""
-        return f"base={self.base}; patch={self.patch.engine_name if self.patch else 'none'}"
+        return f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}"
 
     @property
     def version_label(self) -> str:
@@ -89,7 +76,8 @@ class Resolver:
             patch, version = self.aliases[model]
             pv = self.versions[patch][version]
             trial = self.rollouts.get(model)
-            if trial and trial.mode == "canary" and trial.candidate != pv and _bucket(model, user) < trial.percent:
+            if (trial and trial.rollout.mode == "canary" and trial.candidate != pv
+                    and _bucket(model, user) < trial.rollout.percent):
                 pv = trial.candidate
             return Resolved(model=model, base=pv.base, patch=pv)
         name, sep, number = model.partition("@")

@@ -13,11 +13,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.api import protocol as p
 from service.api.errors import APIError
+from service.api.openai import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
-from service.adapter_pool import AdapterPool
-from service.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
+from service.replica.adapter_pool import AdapterPool
+from service.replica.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
 
 
 @dataclass
@@ -78,14 +78,14 @@ class OpenAIServing:
         self.pool = pool
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.guard = guard  # a LiveGuard (service/live_guard.py): told of every request that finished
+        self.guard = guard  # a LiveGuard (service/replica/live_guard.py): told of every request that finished
 
     # -- building a submission ------------------------------------------------------------------------
     def resolve(self, model: str, user: str | None = None) -> Resolved:
         try:
             return self.resolver.resolve(model, user)
         except UnknownModel:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found") from None
         except HostedElsewhere as exc:
             # 421 Misdirected Request: right name, wrong server; a router sends it to a gateway of that base.
             raise APIError(421, f"`{model}` is served on base {exc.base}, which this gateway does not host.",
@@ -149,19 +149,19 @@ class OpenAIServing:
         patch = sub.resolved.patch
         if patch is None:
             return
-        self.pool.acquire(patch.engine_name)
+        self.pool.acquire(patch.ref)
         try:
             await self.pool.ensure(patch)  # resident already unless pinned to an old version
         except Exception as exc:
             self.release(sub)
-            raise APIError(503, f"The version {patch.engine_name} could not be loaded: {exc}",
+            raise APIError(503, f"The version {patch.ref} could not be loaded: {exc}",
                            type_="server_error", code="adapter_unavailable", headers={"Retry-After": "1"}) from exc
 
     def release(self, sub: Submission) -> None:
         """The request is over: its slot and its lease on the patch version are given back."""
         self.in_flight -= 1
         if sub.resolved.patch is not None:
-            self.pool.release(sub.resolved.patch.engine_name)
+            self.pool.release(sub.resolved.patch.ref)
 
     def waiting(self) -> int:
         """Requests admitted but not yet running in the engine."""
@@ -183,11 +183,12 @@ class OpenAIServing:
         n = sub.request.sampling.n
         texts, finish = [sub.echo] * n, [None] * n
         logprobs: list[list] = [[] for _ in range(n)]
-        async for event in self.events(sub):
-            for d in event.deltas:
-                texts[d.index] += d.text
-                finish[d.index] = d.finish_reason or finish[d.index]
-                logprobs[d.index] += d.logprobs or []
+        async with aclosing(self.events(sub)) as events:  # a cancelled caller aborts the engine's request now
+            async for event in events:
+                for d in event.deltas:
+                    texts[d.index] += d.text
+                    finish[d.index] = d.finish_reason or finish[d.index]
+                    logprobs[d.index] += d.logprobs or []
         want_logprobs = sub.request.sampling.logprobs is not None
         model = sub.resolved.model
         if chat:
@@ -207,7 +208,7 @@ class OpenAIServing:
     async def stream(self, sub: Submission, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: one chunk per engine event, then usage if asked, then [DONE]."""
         # Chunks are plain dicts on this hot path (one per token): the shapes are those of
-        # protocol.CompletionResponse / ChatCompletionChunk, without a model object per token.
+        # OpenAI's completion and chat.completion.chunk objects, without a model object per token.
         head = {"id": sub.request.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": sub.resolved.model}
         want_logprobs = sub.request.sampling.logprobs is not None
@@ -217,20 +218,21 @@ class OpenAIServing:
         elif sub.echo:
             yield _sse({**head, "choices": [{"index": i, "text": sub.echo, "finish_reason": None}
                                             for i in range(sub.request.sampling.n)]})
-        async for event in self.events(sub):
-            choices = []
-            for d in event.deltas:
-                choice = {"index": d.index, "finish_reason": d.finish_reason}
-                if chat:
-                    choice["delta"] = {"content": d.text}
-                    if want_logprobs:
-                        choice["logprobs"] = _chat_logprobs(d.logprobs or []).model_dump()
-                else:
-                    choice["text"] = d.text
-                    if want_logprobs:
-                        choice["logprobs"] = _completion_logprobs(d.logprobs or []).model_dump()
-                choices.append(choice)
-            yield _sse({**head, "choices": choices})
+        async with aclosing(self.events(sub)) as events:  # closing this stream aborts the engine's request now
+            async for event in events:
+                choices = []
+                for d in event.deltas:
+                    choice = {"index": d.index, "finish_reason": d.finish_reason}
+                    if chat:
+                        choice["delta"] = {"content": d.text}
+                        if want_logprobs:
+                            choice["logprobs"] = _chat_logprobs(d.logprobs or []).model_dump()
+                    else:
+                        choice["text"] = d.text
+                        if want_logprobs:
+                            choice["logprobs"] = _completion_logprobs(d.logprobs or []).model_dump()
+                    choices.append(choice)
+                yield _sse({**head, "choices": choices})
         if include_usage:
             yield _sse({**head, "choices": [], "usage": sub.meter.usage().model_dump()})
         yield "data: [DONE]\n\n"

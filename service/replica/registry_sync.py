@@ -19,11 +19,11 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from adapters_store.registry import AliasPointer, Registry
+from adapters_store.registry import AliasPointer, PatchVersion, Registry
 from adapters_store.rollouts import Rollouts
 from service import metrics
-from service.adapter_pool import AdapterPool
-from service.resolver import PatchVersion, Resolver, Trial
+from service.replica.adapter_pool import AdapterPool
+from service.replica.resolver import Resolver, Trial
 
 log = logging.getLogger("patchserve.sync")
 
@@ -31,10 +31,6 @@ log = logging.getLogger("patchserve.sync")
 def _reason(pointer: AliasPointer) -> str:
     # A bounded label: who moved it, not the free-text reason (which the audit log keeps).
     return "automatic" if pointer.action == "auto_rollback" else "operator"  # force_activate is an operator's
-
-
-def _local(record) -> PatchVersion:
-    return PatchVersion(patch=record.name, version=record.version, base=record.base, files=dict(record.files))
 
 
 class RegistrySync:
@@ -91,7 +87,7 @@ class RegistrySync:
         async with self._lock:
             pointer, record, previous = await asyncio.to_thread(self._read_alias, alias)
             if record is not None:
-                self.resolver.versions.setdefault(record.name, {})[record.version] = _local(record)
+                self.resolver.versions.setdefault(record.name, {})[record.version] = record
             if pointer is None:
                 self._forget(alias)
             else:
@@ -101,7 +97,7 @@ class RegistrySync:
     # -- reading (in a thread) ------------------------------------------------------------------------
     def _read_all(self):
         snapshot = self.registry.snapshot()
-        versions = {name: {v.version: _local(v) for v in self.registry.list_versions(name)}
+        versions = {name: {v.version: v for v in self.registry.list_versions(name)}
                     for name in self.registry.list_patches()}
         return snapshot, versions, self._previous_versions(snapshot), self.rollouts.all()
 
@@ -118,7 +114,7 @@ class RegistrySync:
             if last and last.from_patch:
                 record = self.registry.get_version(last.from_patch, last.from_version)
                 if record is not None and record.base == self.served_base:
-                    out.append(_local(record))
+                    out.append(record)
         return out
 
     # -- applying (on the loop, under the lock) -------------------------------------------------------
@@ -140,17 +136,17 @@ class RegistrySync:
             record = await asyncio.to_thread(self.registry.get_version, pointer.patch, pointer.version)
             if record is None:
                 return False
-            version = self.resolver.versions[pointer.patch][pointer.version] = _local(record)
+            version = self.resolver.versions[pointer.patch][pointer.version] = record
         await self.pool.ensure(version)  # loaded first …
         self.resolver.elsewhere.pop(pointer.alias, None)
         before = self.resolver.pointer(pointer.alias)
         self.resolver.aliases[pointer.alias] = (pointer.patch, pointer.version)  # … then the alias moves here
         if before is not None:
-            metrics.alias_active.remove(pointer.alias, before.patch, str(before.version), before.base)
+            metrics.alias_active.remove(pointer.alias, before.name, str(before.version), before.base)
             metrics.hot_swaps.labels(pointer.alias, pointer.action, _reason(pointer)).inc()
         metrics.alias_active.labels(pointer.alias, pointer.patch, str(pointer.version), pointer.base).set(1)
         log.info("alias moved", extra={"fields": {"alias": pointer.alias, "to": pointer.ref,
-                                                  "from": before.engine_name if before else None}})
+                                                  "from": before.ref if before else None}})
         return True
 
     async def _apply_rollouts(self, trials: dict) -> None:
@@ -162,7 +158,7 @@ class RegistrySync:
             if candidate is None or candidate.base != self.served_base or alias not in self.resolver.aliases:
                 self.resolver.rollouts.pop(alias, None)
                 continue
-            trial = Trial(candidate, r.mode, r.percent, r.min_agreement, r.min_requests)
+            trial = Trial(r, candidate)
             if self.resolver.rollouts.get(alias) != trial:
                 await self.pool.ensure(candidate)
                 self.resolver.rollouts[alias] = trial
@@ -172,23 +168,22 @@ class RegistrySync:
         self.resolver.aliases.pop(alias, None)
         self.resolver.elsewhere.pop(alias, None)
         if before is not None:
-            metrics.alias_active.remove(alias, before.patch, str(before.version), before.base)
+            metrics.alias_active.remove(alias, before.name, str(before.version), before.base)
 
     async def _keep(self, previous: list[PatchVersion]) -> None:
-        wanted = {v.engine_name: v for v in previous if v.version in self.resolver.versions.get(v.patch, {})}
+        wanted = {v.ref: v for v in previous if v.version in self.resolver.versions.get(v.name, {})}
         for alias in self.resolver.aliases:
             active = self.resolver.pointer(alias)
-            wanted[active.engine_name] = active
+            wanted[active.ref] = active
         for trial in self.resolver.rollouts.values():
-            wanted[trial.candidate.engine_name] = trial.candidate
+            wanted[trial.candidate.ref] = trial.candidate
         await self.pool.keep(wanted)
 
     # -- following ------------------------------------------------------------------------------------
     async def _listen(self) -> None:
         while True:
             try:
-                client = aioredis.Redis.from_url(self.redis_url)
-                async with client.pubsub() as pubsub:
+                async with aioredis.Redis.from_url(self.redis_url) as client, client.pubsub() as pubsub:
                     await pubsub.subscribe(self.registry.channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":

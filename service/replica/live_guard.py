@@ -25,14 +25,15 @@ import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from adapters_store.errors import StoreError
 from adapters_store.evaluation import EvaluationStore
-from adapters_store.registry import Registry, RegistryError
+from adapters_store.registry import PatchVersion, Registry
 from adapters_store.rollouts import Rollouts
 from service import metrics
-from service.adapter_pool import AdapterPool
 from service.engines.protocol import Engine, GenerationRequest
-from service.kit.evaluate import normalize
-from service.resolver import PatchVersion, Resolver, Trial
+from service.evaluation.scoring import normalize
+from service.replica.adapter_pool import AdapterPool
+from service.replica.resolver import Resolver, Trial
 
 log = logging.getLogger("patchserve.live_guard")
 
@@ -76,10 +77,10 @@ class LiveGuard:
         if trial is not None:
             if resolved.patch == trial.candidate:  # a canary request: what would the active version have said?
                 self._spawn(self._compare_trial(resolved.model, trial, current, request, text))
-            elif trial.mode == "shadow" and resolved.patch == current:  # mirrored to the candidate
+            elif trial.rollout.mode == "shadow" and resolved.patch == current:  # mirrored to the candidate
                 self._spawn(self._compare_trial(resolved.model, trial, trial.candidate, request, text))
             return
-        if current.engine_name == resolved.patch.engine_name:  # not a pinned version, nor moved meanwhile
+        if current.ref == resolved.patch.ref:  # not a pinned version, nor moved meanwhile
             self._spawn(self._compare(resolved.model, current, request, text))
 
     def _spawn(self, coro) -> None:
@@ -92,22 +93,22 @@ class LiveGuard:
         """Count whether the candidate and the active version agree; stop the rollout if they agree too little."""
         try:
             answer = await self._answer(other, request)
-            stats = self._trials.setdefault((alias, trial.candidate.engine_name), [0, 0, False])
+            stats = self._trials.setdefault((alias, trial.candidate.ref), [0, 0, False])
             stats[0] += 1
             stats[1] += normalize(answer) == normalize(text)
             metrics.rollout_compared.labels(alias).inc()
             metrics.rollout_agreed.labels(alias).inc(normalize(answer) == normalize(text))
             compared, agreed, stopped = stats
-            if (trial.min_agreement is None or stopped or compared < trial.min_requests
-                    or agreed / compared >= trial.min_agreement):
+            if (trial.rollout.min_agreement is None or stopped or compared < trial.rollout.min_requests
+                    or agreed / compared >= trial.rollout.min_agreement):
                 return
             stats[2] = True
-            reason = (f"{trial.mode} of {trial.candidate.engine_name}: agreement {agreed / compared:.2f} "
-                      f"< {trial.min_agreement} over {compared} requests")
+            reason = (f"{trial.rollout.mode} of {trial.candidate.ref}: agreement {agreed / compared:.2f} "
+                      f"< {trial.rollout.min_agreement} over {compared} requests")
             try:
                 await asyncio.to_thread(self.rollouts.stop, alias, "live-guard", reason, True,
-                                        trial.candidate.engine_name)
-            except RegistryError:
+                                        trial.candidate.ref)
+            except StoreError:
                 return  # stopped or replaced meanwhile
             metrics.rollouts_stopped.labels(alias, "automatic").inc()
             log.warning("rollout stopped automatically", extra={"fields": {"alias": alias, "reason": reason}})
@@ -140,23 +141,23 @@ class LiveGuard:
     async def _watch_for(self, alias: str, current: PatchVersion) -> _Watch:
         async with self._lock:
             watch = self._watches.get(alias)
-            if watch is not None and watch.version == current.engine_name:
+            if watch is not None and watch.version == current.ref:
                 return watch
             gate, last = await asyncio.to_thread(lambda: (self.evals.gate(alias) or {}, self.registry.last_move(alias)))
-            watch = _Watch(version=current.engine_name, previous=None)
+            watch = _Watch(version=current.ref, previous=None)
             wanted = gate.get("min_live_agreement")
-            if (wanted is not None and last is not None and last.to_ref == current.engine_name and last.from_patch
+            if (wanted is not None and last is not None and last.to_ref == current.ref and last.from_patch
                     and last.action in ("activate", "force_activate")):  # a rollback is not second-guessed
                 previous = self.resolver.versions.get(last.from_patch, {}).get(last.from_version)
                 if previous is not None and previous.base == current.base:
-                    watch = _Watch(version=current.engine_name, previous=previous, min_agreement=float(wanted),
+                    watch = _Watch(version=current.ref, previous=previous, min_agreement=float(wanted),
                                    window=int(gate.get("live_window", 20)))
             self._watches[alias] = watch
             return watch
 
     async def _answer(self, version: PatchVersion, request: GenerationRequest) -> str:
         """The text `version` gives for the same prompt and sampling."""
-        name = version.engine_name
+        name = version.ref
         self.pool.acquire(name)
         try:
             await self.pool.ensure(version)
@@ -178,12 +179,12 @@ class LiveGuard:
                                                               "requests": watch.compared}})
         if agreement >= watch.min_agreement:
             return
-        reason = (f"live agreement with {watch.previous.engine_name} {agreement:.2f} < {watch.min_agreement} "
+        reason = (f"live agreement with {watch.previous.ref} {agreement:.2f} < {watch.min_agreement} "
                   f"over {watch.compared} requests")
         try:
             await asyncio.to_thread(self.registry.rollback, alias, None, "live-guard", reason, automatic=True,
                                     expected=watch.version)
-        except RegistryError as exc:  # moved meanwhile (another replica's guard, or an operator): theirs stands
+        except StoreError as exc:  # moved meanwhile (another replica's guard, or an operator): theirs stands
             log.info("automatic rollback not needed", extra={"fields": {"alias": alias, "why": exc.message}})
             return
         log.warning("rolled back automatically", extra={"fields": {"alias": alias, "reason": reason}})

@@ -75,7 +75,7 @@ class JobView(BaseModel):
     actor: str
 
     @classmethod
-    def of(cls, job) -> "JobView":
+    def of(cls, job) -> JobView:
         return cls(**asdict(job))
 
 
@@ -102,7 +102,7 @@ class Version(BaseModel):
     created_by: str
 
     @classmethod
-    def of(cls, record) -> "Version":
+    def of(cls, record) -> Version:
         return cls(**{**asdict(record), "parents": list(record.parents)}, ref=record.ref)
 
 
@@ -123,7 +123,7 @@ class Alias(BaseModel):
     action: str
 
     @classmethod
-    def of(cls, pointer) -> "Alias":
+    def of(cls, pointer) -> Alias:
         return cls(**asdict(pointer), ref=pointer.ref)
 
 

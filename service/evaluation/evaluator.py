@@ -17,8 +17,8 @@ from transformers.utils import logging as hf_logging
 
 from adapters_store.blobs import BlobStore, materialize
 from adapters_store.registry import PatchVersion
-from service.kit.evaluate import answer_text, greedy_generate, perplexity
-
+from service.evaluation.generation import greedy_generate, perplexity
+from service.evaluation.scoring import answer_text
 
 hf_logging.disable_progress_bar()  # logs stay quiet by default; job progress is reported on the job
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store.blobs import BlobStore, materialize
+from adapters_store.registry import PatchVersion
 from service.engines.protocol import AdapterRef, Engine
-from service.resolver import PatchVersion
 
 log = logging.getLogger("patchserve.adapters")
 
@@ -44,13 +44,9 @@ class AdapterPool:
     def _slot(self, name: str) -> _Slot:
         return self._slots.setdefault(name, _Slot())
 
-    def resident(self) -> list[str]:
-        """Engine names of the versions loaded now."""
-        return sorted(n for n, s in self._slots.items() if s.loaded)
-
     def ref(self, version: PatchVersion) -> AdapterRef:
         """How a request names `version` to the engine."""
-        return AdapterRef(name=version.engine_name, path=str(self.versions_dir / version.engine_name))
+        return AdapterRef(name=version.ref, path=str(self.versions_dir / version.ref))
 
     def leases_held(self) -> dict[str, int]:
         """Engine name → requests holding it now (only names with at least one)."""
@@ -58,7 +54,7 @@ class AdapterPool:
 
     async def ensure(self, version: PatchVersion) -> None:
         """Load `version` into the engine if it is not there (materialising its files from the blob store)."""
-        slot = self._slot(version.engine_name)
+        slot = self._slot(version.ref)
         if slot.loaded:
             return
         async with slot.lock:
@@ -68,7 +64,7 @@ class AdapterPool:
             await asyncio.to_thread(materialize, self.blobs, version.files, Path(ref.path))
             await self.engine.add_adapter(ref)
             slot.loaded = True
-            log.info("adapter loaded", extra={"fields": {"adapter": version.engine_name}})
+            log.info("adapter loaded", extra={"fields": {"adapter": version.ref}})
 
     def acquire(self, name: str) -> None:
         """Take a lease: `name` stays loaded until the matching release."""
@@ -98,8 +94,10 @@ class AdapterPool:
             if slot.leases or name in self._wanted:
                 return
             if slot.loaded:
-                await self.engine.remove_adapter(name)
+                # Not loaded from here on: a request arriving during the removal must wait for the lock
+                # and load it again, not take the lock-free path into an engine that is dropping it.
                 slot.loaded = False
+                await self.engine.remove_adapter(name)
                 log.info("adapter unloaded", extra={"fields": {"adapter": name}})
             if not slot.leases and self._slots.get(name) is slot:
                 del self._slots[name]

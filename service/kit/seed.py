@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adapters_store.blobs import BlobStore
+from adapters_store.blobs import BlobStore, put_files
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.registry import Registry
 from adapters_store.validation import base_module_shapes
@@ -43,10 +43,7 @@ def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, 
                 evals.attach_evalset(name, _jsonl(kit / manifest["eval_sets"][name]), actor="kit")
             if registry.list_versions(name) or registry.get_alias(name):
                 continue  # seeded before: whatever happened since is the operators' to keep
-            files = {}
-            for path in sorted((kit / patch["path"]).iterdir()):
-                with path.open("rb") as f:
-                    files[path.name] = blobs.put_file(f)
+            files = put_files(blobs, {path.name: path for path in (kit / patch["path"]).iterdir()})
             version = registry.create_version(name, patch["base"], files, {"source": "kit"}, actor="kit",
                                               reason="seeded from the kit")
             registry.activate(name, name, version.version, actor="kit", reason="seeded from the kit")

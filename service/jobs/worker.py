@@ -41,7 +41,7 @@ class Worker:
             for outcome in ("succeeded", "retrying", "failed"):
                 metrics.jobs.labels(type_, outcome)
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         """Run in a background thread (inside the gateway)."""
         self.queue.ensure_group()
         self._thread = threading.Thread(target=self.run, name="patchserve-worker", daemon=True)

@@ -18,7 +18,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from adapters_store.validation import LORA_MODULES
+
 _UNCHANGED = 1e-7  # relative change below which a layer counts as untouched by the fine-tune
 
 

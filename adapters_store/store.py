@@ -1,0 +1,34 @@
+"""The store's parts over one Redis and one blob store, opened together: what a gateway or a worker is built on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from adapters_store.blobs import BlobStore, LocalBlobStore
+from adapters_store.evaluation import EvaluationStore
+from adapters_store.jobs import JobQueue
+from adapters_store.keys import ApiKeyStore
+from adapters_store.registry import Registry
+
+
+@dataclass
+class Store:
+    registry: Registry
+    blobs: BlobStore
+    keys: ApiKeyStore
+    evals: EvaluationStore
+    jobs: JobQueue
+    redis_url: str
+
+    @classmethod
+    def open(cls, client: redis.Redis, redis_url: str, prefix: str, blob_dir: Path, *, job_max_attempts: int = 3,
+             job_backoff_s: float = 1.0, job_claim_idle_s: float = 30.0) -> Store:
+        """Every part on `client` under `prefix`, blobs in the directory `blob_dir`."""
+        blobs = LocalBlobStore(blob_dir)
+        jobs = JobQueue(client, prefix, max_attempts=job_max_attempts, backoff_s=job_backoff_s,
+                        claim_idle_s=job_claim_idle_s)
+        return cls(registry=Registry(client, prefix), blobs=blobs, keys=ApiKeyStore(client, prefix),
+                   evals=EvaluationStore(client, blobs, prefix), jobs=jobs, redis_url=redis_url)

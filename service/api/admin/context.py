@@ -1,0 +1,63 @@
+"""What the /admin routes share: the replica's store parts and patch operations, and small replies."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi.responses import JSONResponse
+
+from adapters_store.evaluation import EvaluationStore
+from adapters_store.jobs import JobQueue
+from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.registry import Registry
+from adapters_store.rollouts import Rollouts
+from service.api.admin import protocol as a
+from service.api.errors import APIError
+from service.replica.patch_admin import PatchAdmin
+
+
+@dataclass
+class AdminContext:
+    registry: Registry
+    patches: PatchAdmin
+    keys: ApiKeyStore
+    evals: EvaluationStore
+    jobs: JobQueue
+    rollouts: Rollouts
+    max_upload_bytes: int
+    max_rank: int
+
+    async def move(self, alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
+        """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""
+        if force and not reason.strip():
+            raise APIError(400, "a forced activation skips the gate and needs a reason", param="reason")
+        if force or not await asyncio.to_thread(self.patches.needs_gate, alias, patch, version):
+            pointer = await self.patches.activate(alias, patch, version, actor, reason, forced=force)
+            return JSONResponse(a.Alias.of(pointer).model_dump(), status_code=200)
+        if await asyncio.to_thread(self.registry.get_version, patch, version) is None:
+            raise APIError(404, f"no version {patch}@{version}", code="not_found")
+        job = await asyncio.to_thread(self.jobs.submit, "activate", {"alias": alias, "patch": patch, "version": version,
+                                                                "reason": reason}, actor)
+        return accepted(job)
+
+
+def checkpoint_dir(path: str, param: str) -> Path:
+    """The absolute checkpoint directory at `path` on this server, or a 422 naming `param`."""
+    try:
+        resolved = Path(path).resolve()
+        if (resolved / "config.json").is_file():
+            return resolved
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        pass
+    raise APIError(422, f"{path[:200]!r} is not a checkpoint directory on this server (no config.json)", param=param)
+
+
+def actor_of(key: ApiKey) -> str:
+    return f"key:{key.name}:{key.id}"
+
+
+def accepted(job, **extra) -> JSONResponse:
+    return JSONResponse({**extra, "job": a.JobView.of(job).model_dump()}, status_code=202,
+                        headers={"location": f"/admin/jobs/{job.id}"})
