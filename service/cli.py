@@ -129,21 +129,19 @@ def worker(
     from service import metrics
     from service.bootstrap import build_worker, open_store
 
-    # SIGTERM (a supervisor, `kill`) ends the worker like Ctrl-C: the current job's lease is left to be
-    # claimed, and the embedded Redis this process started stops at exit.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     store = open_store(settings)
-    metrics.job_queue_lag.set_function(store.jobs.lag_s)
+    runner = build_worker(store, settings)  # imports torch and PEFT: before anything says the worker is up
+    # SIGTERM (a supervisor, `kill`) lets the worker finish the job in hand and stop at its next take;
+    # Ctrl-C stops it at once (the job's entry stays pending and another worker claims it). Either way
+    # the embedded Redis this process started stops at exit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: runner.stop())
+    metrics.job_queue_lag.set_function(metrics.or_nan(store.jobs.lag_s))
     start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
     console.print(f"patchserve worker: jobs on {store.redis_url}, metrics on :{settings.worker_metrics_port}")
     try:
-        build_worker(store, settings).run()
+        runner.run()
     except KeyboardInterrupt:
         pass
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def configure_logging(level: str) -> None:
