@@ -40,3 +40,7 @@ class UnsafeFormat(StoreError):
 BY_KIND: dict[str, type[StoreError]] = {
     "INVALID": Invalid, "NOT_FOUND": NotFound, "CONFLICT": Conflict, "INCOMPATIBLE": Incompatible,
 }
+
+
+class NotReplicated(StoreError):
+    """Written on the primary, but not confirmed by enough replicas in time: it may not survive a failover."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -21,9 +22,11 @@ from dataclasses import asdict, dataclass
 import redis
 
 from adapters_store.names import NAME_RULE, is_safe_name
+from adapters_store.replication import Acks
 
 ROLES = ("admin", "inference")
 _CACHE_SECONDS = 1.0  # how stale a replica's view of the keys may be (a revoked key dies within it)
+log = logging.getLogger("patchserve.keys")
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,12 @@ def _digest(key: str) -> str:
 class ApiKeyStore:
     """Create, list, revoke and check API keys with roles (admin may change things, inference may only infer)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "ps:"):
+    def __init__(self, client: redis.Redis, prefix: str = "ps:", acks: Acks = Acks()):
         self.r = client
+        self.acks = acks
         self.key = prefix + "apikeys"
         self._cache: tuple[float, list[ApiKey]] = (0.0, [])
+        self._loaded = False  # whether the copy was ever read from Redis
 
     def create(self, role: str, name: str, actor: str = "system", secret: str | None = None) -> tuple[ApiKey, str]:
         """A new key: its record and the key itself, which is shown to the caller once and never stored.
@@ -60,8 +65,8 @@ class ApiKeyStore:
         secret = secret or f"psk_{secrets.token_urlsafe(32)}"
         record = ApiKey(id=secrets.token_hex(6), name=name, role=role, sha256=_digest(secret),
                         created_at=time.time(), created_by=actor)
-        self.r.hset(self.key, record.id, json.dumps(asdict(record)))
-        self._cache = (0.0, [])
+        self.acks.write(self.r, lambda pipe: pipe.hset(self.key, record.id, json.dumps(asdict(record))))
+        self._cache = (0.0, self._cache[1])  # re-read at the next check, the old copy kept until then
         return record, secret
 
     def list(self) -> list[ApiKey]:
@@ -71,13 +76,27 @@ class ApiKeyStore:
 
     def revoke(self, key_id: str) -> bool:
         """Delete a key; whether it existed."""
-        self._cache = (0.0, [])
-        return bool(self.r.hdel(self.key, key_id))
+        found = bool(self.acks.write(self.r, lambda pipe: pipe.hdel(self.key, key_id))[0])
+        self._cache = (0.0, self._cache[1])
+        return found
 
     def _keys(self) -> list[ApiKey]:
+        """This process's copy of every key's hash, re-read at most once a second.
+
+        Redis is needed to change keys, never to check them: while it is unreachable the last copy
+        stands (re-tried once a second), so inference keeps answering on the keys it knew.
+        """
         at, keys = self._cache
         if time.monotonic() - at > _CACHE_SECONDS:
-            keys = self.list()
+            try:
+                keys = self.list()
+            except redis.RedisError as exc:
+                if not self._loaded:
+                    raise  # never read once: nothing to stand on
+                log.warning("registry unreachable; checking keys against the last copy",
+                            extra={"fields": {"error": str(exc)}})
+            else:
+                self._loaded = True
             self._cache = (time.monotonic(), keys)
         return keys
 

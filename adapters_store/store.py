@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 
 from adapters_store.blobs import BlobStore, LocalBlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
 from adapters_store.registry import Registry
+from adapters_store.replication import Acks
 
 
 @dataclass
@@ -21,14 +24,16 @@ class Store:
     keys: ApiKeyStore
     evals: EvaluationStore
     jobs: JobQueue
-    redis_url: str
+    redis_url: str  # where the registry is: a redis:// URL, or sentinel://host:port,…/primary-name
+    events: Callable[[], aioredis.Redis] | None = None  # new asyncio clients for pub/sub (follow a failover)
 
     @classmethod
     def open(cls, client: redis.Redis, redis_url: str, prefix: str, blob_dir: Path, *, job_max_attempts: int = 3,
-             job_backoff_s: float = 1.0, job_claim_idle_s: float = 30.0) -> Store:
-        """Every part on `client` under `prefix`, blobs in the directory `blob_dir`."""
+             job_backoff_s: float = 1.0, job_claim_idle_s: float = 30.0, acks: Acks = Acks(),
+             events: Callable[[], aioredis.Redis] | None = None) -> Store:
+        """Every part on `client` under `prefix`, blobs in `blob_dir`; registry and key changes acked per `acks`."""
         blobs = LocalBlobStore(blob_dir)
         jobs = JobQueue(client, prefix, max_attempts=job_max_attempts, backoff_s=job_backoff_s,
                         claim_idle_s=job_claim_idle_s)
-        return cls(registry=Registry(client, prefix), blobs=blobs, keys=ApiKeyStore(client, prefix),
-                   evals=EvaluationStore(client, blobs, prefix), jobs=jobs, redis_url=redis_url)
+        return cls(registry=Registry(client, prefix, acks), blobs=blobs, keys=ApiKeyStore(client, prefix, acks),
+                   evals=EvaluationStore(client, blobs, prefix), jobs=jobs, redis_url=redis_url, events=events)

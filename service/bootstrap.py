@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapters_store.redis_server import connect, redis_url
+from adapters_store.redis_server import acks, connect, describe, event_client_factory
 from adapters_store.store import Store
 from adapters_store.validation import Limits
 from service.settings import Settings
@@ -11,10 +11,10 @@ from service.settings import Settings
 def open_store(settings: Settings) -> Store:
     """The registry, blob store, key store, evaluations and job queue on the configured (or embedded) Redis."""
     client = connect(settings)
-    url = redis_url(settings) or "redis://{host}:{port}/0".format(**client.connection_pool.connection_kwargs)
-    return Store.open(client, url, settings.redis_prefix, settings.blob_path,
+    return Store.open(client, describe(settings), settings.redis_prefix, settings.blob_path,
                       job_max_attempts=settings.job_max_attempts, job_backoff_s=settings.job_backoff_s,
-                      job_claim_idle_s=settings.job_claim_idle_s)
+                      job_claim_idle_s=settings.job_claim_idle_s, acks=acks(settings),
+                      events=event_client_factory(settings))
 
 
 def build_worker(store: Store, settings: Settings):

@@ -6,6 +6,8 @@ Label sets are bounded: `alias` is a registered model name (never the raw reques
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -64,6 +66,18 @@ registry_repairs = Counter(
     "patchserve_registry_repairs_total",
     "Alias moves the periodic reconcile applied before any event did (an event missed or late).", registry=REGISTRY)
 redis_up = Gauge("patchserve_redis_up", "1 when the registry's Redis answers PING.", registry=REGISTRY)
+
+
+def or_nan(read: Callable[[], float]) -> Callable[[], float]:
+    """A gauge reading taken from Redis at scrape time; NaN while Redis is away, so /metrics keeps answering."""
+
+    def reading() -> float:
+        try:
+            return read()
+        except Exception:  # the scrape must never fail; patchserve_redis_up says why this one is NaN
+            return float("nan")
+
+    return reading
 engine_ready = Gauge("patchserve_engine_ready", "1 when the engine is loaded and answering.", ["engine"],
                      registry=REGISTRY)
 

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_port: int = 6390
     redis_prefix: str = "ps:"
+    # Production with failover: Redis Sentinels ("host:port,host:port,…") watching the primary named
+    # `redis_master_name`; then a change is acknowledged only once `redis_replicas_to_ack` replicas
+    # hold it (default 1 under Sentinel, 0 otherwise), waiting at most `redis_ack_timeout_ms`.
+    redis_sentinels: str = ""
+    redis_master_name: str = "patchserve"
+    redis_replicas_to_ack: int | None = None
+    redis_ack_timeout_ms: int = 2000
     blob_dir: Path | None = None  # default: <data_dir>/blobs
     # Worker: in-process under `serve` (embedded defaults) unless disabled; `patchserve worker` runs one alone.
     worker_in_process: bool = True

@@ -92,7 +92,14 @@ def test_compose_mounts_and_build_context_exist():
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
-    assert "REDIS_URL" in services["patchserve"]["environment"]
+    # The registry runs as production should: a primary, a replica of it, and three Sentinels that
+    # watch the primary under the name patchserve is configured with.
+    env = services["patchserve"]["environment"]
+    sentinels = env["PATCHSERVE_REDIS_SENTINELS"].split(",")
+    assert len(sentinels) == 3 and all(s.split(":")[0] in services for s in sentinels)
+    assert "--replicaof" in services["redis-replica"]["command"]
+    conf = (DEPLOY / "redis" / "sentinel.conf").read_text()
+    assert f"sentinel monitor {env['PATCHSERVE_REDIS_MASTER_NAME']} redis 6379 2" in conf
 
 
 def test_dockerfile_copies_what_exists_and_runs_the_install_script():

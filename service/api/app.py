@@ -48,7 +48,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
     rollouts = Rollouts(store.registry)
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s,
-                        rollouts)
+                        rollouts, events_client=store.events)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
                          Limits.from_settings(settings), settings.base)
     serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
@@ -66,7 +66,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
         metrics.queue_depth.labels(engine.name).set_function(serving.waiting)
         metrics.adapters_resident.labels(engine.name).set_function(lambda: len(engine.adapters()))
         metrics.engine_ready.labels(engine.name).set(1)
-        metrics.job_queue_lag.set_function(store.jobs.lag_s)
+        metrics.job_queue_lag.set_function(metrics.or_nan(store.jobs.lag_s))
         metrics.compatibility.source = store.evals.reports
         if worker is not None:
             worker.start()
@@ -101,7 +101,10 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
             metrics.engine_ready.labels(engine.name).set(0)
             return JSONResponse({"status": "not ready", "reason": repr(exc)}, status_code=503)
         metrics.engine_ready.labels(engine.name).set(1)
-        return JSONResponse({"status": "ready", "engine": engine.name, "adapters": engine.adapters()})
+        # Ready for inference whatever the registry's state; a lost registry only freezes changes.
+        return JSONResponse({"status": "ready", "engine": engine.name, "adapters": engine.adapters(),
+                             "registry": "reachable" if sync.registry_reachable else "unreachable (serving the "
+                                         "last known versions; changes wait for it)"})
 
     @app.get("/admin/replica", dependencies=[Depends(require_admin)])
     async def replica() -> dict:

@@ -7,11 +7,21 @@ import json
 import logging
 import uuid
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from adapters_store.errors import Conflict, Incompatible, Invalid, NotFound, StoreError, TooLarge, UnsafeFormat
+from adapters_store.errors import (
+    Conflict,
+    Incompatible,
+    Invalid,
+    NotFound,
+    NotReplicated,
+    StoreError,
+    TooLarge,
+    UnsafeFormat,
+)
 from service.api.openai import protocol as p
 from service.engines.protocol import RequestRefused
 
@@ -21,6 +31,7 @@ log = logging.getLogger("patchserve.api")
 STORE_ERRORS: dict[type[StoreError], tuple[int, str]] = {
     Invalid: (400, "invalid_request"), NotFound: (404, "not_found"), Conflict: (409, "conflict"),
     TooLarge: (413, "too_large"), UnsafeFormat: (415, "unsupported_media_type"), Incompatible: (422, "unprocessable"),
+    NotReplicated: (503, "not_replicated"),
 }
 
 
@@ -52,7 +63,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def refused(_: Request, exc: StoreError) -> JSONResponse:
         status, code = STORE_ERRORS.get(type(exc), (400, "invalid_request"))
-        return APIError(status, exc.message, param=exc.field, code=code).response()
+        headers = {"Retry-After": "2"} if status == 503 else None
+        return APIError(status, exc.message, param=exc.field, code=code, headers=headers).response()
+
+    # The store's client reports an unreachable registry (or a primary demoted during a failover) as
+    # redis-py's own errors; every store call would otherwise need wrapping to say the same thing.
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    @app.exception_handler(redis.ReadOnlyError)
+    async def registry_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return APIError(503, f"The registry (Redis) is unreachable, so nothing can be changed now; inference goes on "
+                             f"unchanged. Retry shortly. ({type(exc).__name__})", type_="service_unavailable",
+                        code="registry_unavailable", headers={"Retry-After": "2"}).response()
 
     @app.exception_handler(RequestRefused)
     async def engine_refused(_: Request, exc: RequestRefused) -> JSONResponse:

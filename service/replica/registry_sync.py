@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -37,17 +38,21 @@ class RegistrySync:
     """Applies the registry's aliases and versions to one replica's resolver and adapter pool."""
 
     def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
-                 redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None):
+                 redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None,
+                 events_client: Callable[[], aioredis.Redis] | None = None):
         self.registry = registry
         self.rollouts = rollouts or Rollouts(registry)
         self.resolver = resolver
         self.pool = pool
         self.served_base = served_base
         self.redis_url = redis_url
+        # A new client per subscription: under Sentinel each one connects to the primary of the moment.
+        self.events_client = events_client or (lambda: aioredis.Redis.from_url(redis_url))
         self.interval_s = interval_s
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.last_reconcile = 0.0
+        self.registry_reachable = True  # as of the last reconcile
 
     async def start(self) -> None:
         """Apply the registry's state once (aliases at their recorded versions), then follow it."""
@@ -67,10 +72,12 @@ class RegistrySync:
             try:
                 snapshot, versions, previous, trials = await asyncio.to_thread(self._read_all)
             except redis.RedisError as exc:
+                self.registry_reachable = False
                 metrics.redis_up.set(0)
                 log.warning("registry unreachable; serving the last known state",
                             extra={"fields": {"error": str(exc)}})
                 return
+            self.registry_reachable = True
             metrics.redis_up.set(1)
             self.resolver.versions = versions
             for alias in [a for a in {*self.resolver.aliases, *self.resolver.elsewhere} if a not in snapshot]:
@@ -183,7 +190,7 @@ class RegistrySync:
     async def _listen(self) -> None:
         while True:
             try:
-                async with aioredis.Redis.from_url(self.redis_url) as client, client.pubsub() as pubsub:
+                async with self.events_client() as client, client.pubsub() as pubsub:
                     await pubsub.subscribe(self.registry.channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
