@@ -35,7 +35,9 @@ from adapters_store.replication import Acks
 
 ORIGINS = ("upload", "port", "merge", "extract")
 _ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
-_ERROR = re.compile(r"^([A-Z_]+) (.*)$", re.S)
+# A script's refusal: '<KIND> <message>', which redis-py prefixes with the command's place when it ran in a
+# pipeline (every change does: replication.py sends it with WAIT).
+_ERROR = re.compile(r"(?:^|caused error: )([A-Z_]+) (.*)$", re.S)
 
 _REGISTER_BASE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
@@ -294,7 +296,7 @@ class Registry:
         try:
             return self.acks.write(self.r, lambda pipe: script(keys=keys, args=args, client=pipe))[0]
         except redis.ResponseError as exc:
-            m = _ERROR.match(str(exc))
+            m = _ERROR.search(str(exc))
             if m and m[1] in BY_KIND:
                 raise BY_KIND[m[1]](m[2]) from None
             raise
