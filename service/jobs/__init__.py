@@ -8,10 +8,11 @@ from service.jobs.activate import activate
 from service.jobs.context import JobContext
 from service.jobs.evaluate import evaluate
 from service.jobs.extract import extract
+from service.jobs.merge import merge
 from service.jobs.port import port
 from service.jobs.worker import Handler
 
-JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port}
+JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port, "merge": merge}
 
 
 def handlers(ctx: JobContext) -> dict[str, Handler]:

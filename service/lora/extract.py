@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from adapters_store.validation import LORA_MODULES
+from service.lora.factors import write_adapter
 
 _UNCHANGED = 1e-7  # relative change below which a layer counts as untouched by the fine-tune
 
@@ -44,43 +44,19 @@ def extract_lora(base_dir: Path, tuned_dir: Path, rank: int, out_dir: Path,
 
     linear = {name: m for name, m in base.named_modules()
               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_MODULES}
-    factors, kept_sq, total_sq, modules, not_carried = {}, 0.0, 0.0, {}, {}
+    deltas, not_carried = {}, {}
     for i, (name, module) in enumerate(linear.items()):
         delta = tuned[f"{name}.weight"] - module.weight.detach()
-        if delta.norm() <= _UNCHANGED * module.weight.norm():
-            continue
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, s.numel())
-        b = torch.zeros(delta.shape[0], rank)
-        a = torch.zeros(rank, delta.shape[1])
-        b[:, :r], a[:r] = u[:, :r] * s[:r], vh[:r]
-        factors[name] = (a, b)
-        energy = (s**2).sum().item()
-        kept = (s[:r] ** 2).sum().item()
-        kept_sq, total_sq = kept_sq + kept, total_sq + energy
-        modules[name] = kept / energy
-        progress(80 * (i + 1) / len(linear), f"SVD of {name}")
+        if delta.norm() > _UNCHANGED * module.weight.norm():
+            deltas[name] = delta
+        progress(40 * (i + 1) / len(linear), f"difference of {name}")
     for key, value in own.items():
-        is_carried = key.endswith(".weight") and key[: -len(".weight")] in factors
+        is_carried = key.endswith(".weight") and key[: -len(".weight")] in deltas
         change = (tuned[key] - value).norm() / value.norm().clamp_min(1e-12)
         if not is_carried and change > _UNCHANGED:
             not_carried[key] = round(change.item(), 6)
-    if not factors:
+    if not deltas:
         raise ValueError("the checkpoint does not differ from the base in any layer a LoRA patch can carry")
-
-    targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM")
-    peft = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, module in peft.base_model.model.named_modules():
-            if name in linear and hasattr(module, "lora_A"):
-                if name in factors:
-                    module.lora_A["default"].weight.copy_(factors[name][0])
-                    module.lora_B["default"].weight.copy_(factors[name][1])
-                else:  # a layer of a targeted kind that the fine-tune left alone
-                    module.lora_B["default"].weight.zero_()
-    progress(90, "writing the patch")
-    peft.save_pretrained(out_dir, safe_serialization=True)
-    (Path(out_dir) / "README.md").unlink(missing_ok=True)  # a patch is config + weights only
-    return Extraction(rank=rank, energy_kept=kept_sq / total_sq, modules=modules, not_carried=not_carried)
+    progress(50, "truncated SVD of each layer's difference, writing the patch")
+    found = write_adapter(base_dir, deltas, rank, out_dir)
+    return Extraction(rank=rank, energy_kept=found.energy_kept, modules=found.modules, not_carried=not_carried)

@@ -41,6 +41,25 @@ class ExtractRequest(_Request):
     reason: str = Field("", max_length=1000)
 
 
+class MergeParamsRequest(_Request):
+    weights: list[float] | None = None  # one per source; default 1 each
+    density: float | None = Field(None, gt=0, le=1)  # ties, dare_ties
+    beta: float | None = Field(None, ge=0, lt=1)  # breadcrumbs: share of largest magnitudes dropped
+    gamma: float | None = Field(None, ge=0, lt=1)  # breadcrumbs: share of smallest magnitudes dropped
+    lam: float | None = Field(None, ge=0, le=100)  # consensus: λ of the TALL masks
+    k: int | None = Field(None, ge=1, le=64)  # consensus: tasks that must use an entry
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)  # dare_ties
+
+
+class MergeRequest(_Request):
+    sources: list[str] = Field(min_length=2, max_length=16)  # 'name@N' versions of one base
+    method: Literal["linear", "ties", "dare_ties", "breadcrumbs", "consensus", "orthogonal"]
+    params: MergeParamsRequest = MergeParamsRequest()
+    rank: int = Field(ge=1)
+    name: str  # the patch the merged version is registered under
+    reason: str = Field("", max_length=1000)
+
+
 class RolloutRequest(_Request):
     version: int = Field(ge=1)
     patch: str | None = None  # default: the patch named like the alias

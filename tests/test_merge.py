@@ -1,0 +1,152 @@
+"""Merging patches: the methods on small tensors, and the merge job end to end through the admin API.
+
+The job runs on a gateway of its own (transformers engine; its aliases are moved here): the kit's three
+patches merged by TIES into one version, registered with every source as a parent and a retention
+report per source alias; refusals are 4xx and register nothing; one alias served by the merge and
+rolled back to its own patch while another stays on the merge.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+import torch
+
+from service.lora.merge import merge_deltas
+from service.lora.params import MergeParams
+from tests.gateway_server import GatewayProcess
+
+
+# -- the methods -----------------------------------------------------------------------------------------
+def test_linear_is_the_weighted_sum_and_a_layer_one_source_lacks_is_zero_for_it():
+    a = {"l1": torch.tensor([[1.0, -2.0]]), "l2": torch.tensor([[3.0]])}
+    b = {"l1": torch.tensor([[0.5, 1.0]])}
+    out = merge_deltas([a, b], "linear", MergeParams(weights=(1.0, 2.0))).deltas
+    assert torch.equal(out["l1"], torch.tensor([[2.0, 0.0]])) and torch.equal(out["l2"], torch.tensor([[3.0]]))
+
+
+def test_ties_keeps_each_source_where_the_others_are_silent_and_elects_a_sign_where_they_clash():
+    a = {"l": torch.tensor([[4.0, 0.0, 2.0]])}
+    b = {"l": torch.tensor([[0.0, 6.0, -1.0]])}
+    out = merge_deltas([a, b], "ties", MergeParams(density=1.0)).deltas["l"]
+    assert out[0, 0] == 4.0 and out[0, 1] == 6.0  # disjoint entries: each source's own value
+    assert out[0, 2] == 2.0  # 2 vs −1: the sign with more mass wins, the disagreeing value is left out
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest_magnitudes():
+    a = {"l": torch.arange(1.0, 11.0).view(1, 10)}
+    out = merge_deltas([a, {"l": torch.zeros(1, 10)}], "breadcrumbs", MergeParams(beta=0.1, gamma=0.3)).deltas["l"]
+    assert out.tolist() == [[0, 0, 0, 4, 5, 6, 7, 8, 9, 0]]
+
+
+def test_consensus_keeps_only_what_enough_tasks_use():
+    a = {"l": torch.tensor([[1.0, 1.0, 0.0]])}
+    b = {"l": torch.tensor([[1.0, 0.0, 1.0]])}
+    merged = merge_deltas([a, b], "consensus", MergeParams(lam=0.5, k=2))
+    assert merged.deltas["l"].tolist() == [[2.0, 0.0, 0.0]]  # only the entry both tasks use survives
+    assert merged.kept_by_consensus["l"] == pytest.approx(1 / 3)
+
+
+def test_orthogonal_adds_only_what_is_new_to_the_merged_subspace():
+    a = {"l": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}
+    b = {"l": torch.tensor([[2.0, 0.0], [0.0, 3.0]])}
+    out = merge_deltas([a, b], "orthogonal").deltas["l"]
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0], [0.0, 3.0]]))  # b's part along a's direction is dropped
+
+
+def test_dare_ties_is_repeatable_for_a_seed():
+    torch.manual_seed(1)
+    a, b = {"l": torch.randn(8, 8)}, {"l": torch.randn(8, 8)}
+    first = merge_deltas([a, b], "dare_ties", MergeParams(density=0.5, seed=7)).deltas["l"]
+    again = merge_deltas([a, b], "dare_ties", MergeParams(density=0.5, seed=7)).deltas["l"]
+    other = merge_deltas([a, b], "dare_ties", MergeParams(density=0.5, seed=8)).deltas["l"]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("params, word", [
+    (MergeParams(weights=(1.0,)), "weights"), (MergeParams(k=3), "k"), (MergeParams(beta=0.5, gamma=0.5), "beta"),
+    (MergeParams(density=0), "density")])
+def test_bad_parameters_are_refused_by_name(params, word):
+    with pytest.raises(ValueError, match=word):
+        merge_deltas([{"l": torch.ones(1, 1)}, {"l": torch.ones(1, 1)}], "linear", params)
+
+
+# -- the job, through the API ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gw(kit_dir, tmp_path_factory):
+    gateway = GatewayProcess(kit_dir, "transformers", tmp_path_factory.mktemp("merge")).start()
+    yield gateway
+    gateway.stop()
+
+
+def _versions(admin: httpx.Client) -> set[str]:
+    return {f"{p['name']}@{v['version']}" for p in admin.get("/admin/patches").json() for v in p["versions"]}
+
+
+def test_a_merge_job_registers_one_version_with_a_retention_report_per_source(gw):
+    name = f"merged-{uuid.uuid4().hex[:6]}"
+    sources = ["sentiment@1", "reverse@1", "qa@1"]
+    with gw.admin() as admin:
+        r = admin.post("/admin/merges", json={"sources": sources, "method": "ties", "rank": 16, "name": name,
+                                              "params": {"density": 0.5}, "reason": "one adapter for three"})
+        assert r.status_code == 202, r.text
+        job = gw.wait_job(r.headers["location"], timeout=600)
+        assert job["state"] == "succeeded", job["error"]
+        result = job["result"]
+        version = admin.get(f"/admin/patches/{name}/versions/{result['version']}").json()
+    assert version["origin"] == "merge" and sorted(version["parents"]) == sorted(sources)
+    assert version["meta"]["method"] == "ties" and version["meta"]["params"]["density"] == 0.5
+    assert 0 < result["energy_kept"] <= 1
+    rows = {row["alias"]: row for row in result["retention"]}
+    assert set(rows) == {"sentiment", "reverse", "qa"}
+    for row in rows.values():
+        assert row["score_source"] > 0 and 0 <= row["score_merged"] <= 1 and row["n"] > 0
+        assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
+    assert result["min_retention"] == min(row["retention"] for row in rows.values())
+
+
+@pytest.mark.parametrize("body, status, word", [
+    ({"sources": ["sentiment@1", "nope@1"]}, 404, "no version nope@1"),
+    ({"sources": ["sentiment@1", "sentiment@1"]}, 400, "named twice"),
+    ({"sources": ["sentiment@1"]}, 400, "sources"),
+    ({"sources": ["sentiment@1", "reverse"]}, 400, "version reference"),
+    ({"rank": 64}, 422, "rank"),
+    ({"name": "../evil"}, 400, "name"),
+    ({"method": "magic"}, 400, "method"),
+    ({"params": {"k": 5}}, 400, "k must be"),
+    ({"params": {"weights": [1.0]}}, 400, "weights"),
+    ({"params": {"beta": 0.6, "gamma": 0.5}}, 400, "beta + gamma"),
+    ({"params": {"bogus": 1}}, 400, "bogus"),
+])
+def test_refused_merges_register_nothing(gw, body, status, word):
+    request = {"sources": ["sentiment@1", "reverse@1"], "method": "linear", "rank": 8, "name": "refused", **body}
+    with gw.admin() as admin:
+        before = _versions(admin)
+        r = admin.post("/admin/merges", json=request)
+        assert r.status_code == status, r.text
+        assert word in r.json()["error"]["message"], r.json()
+        assert not [j for j in admin.get("/admin/jobs").json() if j["params"].get("name") == "refused"]
+        assert _versions(admin) == before
+
+
+def test_several_aliases_served_by_one_merge_and_one_rolled_back_alone(gw):
+    name = f"shared-{uuid.uuid4().hex[:6]}"
+    with gw.admin() as admin:
+        r = admin.post("/admin/merges", json={"sources": ["sentiment@1", "qa@1"], "method": "linear", "rank": 16,
+                                              "name": name})
+        assert gw.wait_job(r.headers["location"], timeout=600)["state"] == "succeeded"
+        for alias in ("sentiment", "qa"):
+            moved = admin.post(f"/admin/aliases/{alias}/activate",
+                               json={"patch": name, "version": 1, "force": True, "reason": "serve the merge"})
+            assert moved.status_code == 200, moved.text
+
+        def served_by(alias: str) -> str:
+            return httpx.post(f"{gw.url}/v1/completions", timeout=60,
+                              json={"model": alias, "prompt": "x", "max_tokens": 1}).headers["x-patchserve-served-by"]
+
+        assert served_by("sentiment") == served_by("qa") == f"base=base-v1; patch={name}@1"
+        assert admin.post("/admin/aliases/sentiment/rollback", json={"reason": "back"}).status_code == 200
+        assert served_by("sentiment") == "base=base-v1; patch=sentiment@1"
+        assert served_by("qa") == f"base=base-v1; patch={name}@1"
