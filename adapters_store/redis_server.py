@@ -177,6 +177,14 @@ def connect(settings) -> redis.Redis:
     key = (Path(settings.data_dir).resolve(), settings.redis_port)
     server = _started.get(key)
     if server is None or not server.answers():
+        if not _started:
+            atexit.register(stop_embedded)
         server = _started[key] = EmbeddedRedis(settings.data_dir, settings.redis_port).start()
-        atexit.register(server.stop)
     return server.client()
+
+
+def stop_embedded() -> None:
+    """Stop (and reap) every embedded server `connect` started in this process; runs at exit."""
+    while _started:
+        _, server = _started.popitem()
+        server.stop()

@@ -128,10 +128,12 @@ def pytest_terminal_summary(terminalreporter):
 
 # -- nothing the suite starts outlives it --------------------------------------------------------------
 def _redis_servers() -> set[int]:
+    """Live redis-server processes (a zombie, exited but not yet reaped by its parent, holds nothing)."""
     import subprocess
 
-    out = subprocess.run(["pgrep", "-f", "redis-server"], capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    return {int(pid) for pid, stat, *args in (line.split(None, 2) for line in out.splitlines())
+            if "redis-server" in " ".join(args) and not stat.startswith("Z")}
 
 
 def pytest_sessionstart(session):

@@ -9,7 +9,7 @@ import threading
 import pytest
 import redis
 
-from adapters_store.redis_server import EmbeddedRedis, connect
+from adapters_store.redis_server import EmbeddedRedis, connect, stop_embedded
 from adapters_store.registry import Registry
 from service.settings import Settings
 from tests.prometheus_server import free_port
@@ -89,4 +89,5 @@ def test_connect_uses_redis_url_or_starts_the_embedded_server(tmp_path, store_re
         client.set("k", "v")
         assert (tmp_path / "redis").is_dir() and connect(settings).get("k") == b"v"
     finally:
-        EmbeddedRedis(tmp_path, settings.redis_port).client().shutdown(nosave=True)
+        stop_embedded()
+    assert not EmbeddedRedis(tmp_path, settings.redis_port).answers()
