@@ -59,6 +59,9 @@ async def _serve(serving: OpenAIServing, sub: Submission, chat: bool, stream: bo
             body = await serving.complete(sub, chat)
             status = 200
             return JSONResponse(body, headers=headers)
+        except RequestRefused:  # answered 400 by the error table; metered as what the client gets
+            status = 400
+            raise
         finally:
             sub.meter.finish(status)
             serving.release(sub)
