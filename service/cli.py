@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service import logs
+from service.operator.commands import app as operator_app
 from service.settings import get_settings
 
 # vLLM's engine-core processes are spawned with this module as their __main__: they take our
@@ -22,6 +23,7 @@ logs.apply_library_levels()
 app = typer.Typer(help="patchserve: update a served LLM while it serves.", no_args_is_help=True)
 kit_app = typer.Typer(help="The kit: a small world, its base models, patches and evaluation sets.")
 app.add_typer(kit_app, name="kit")
+app.add_typer(operator_app, name="admin")
 console = Console(stderr=True, soft_wrap=True)  # a line per fact, whatever the width
 
 

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 << 20
     max_safetensors_header_bytes: int = 1 << 20
 
+    # The operator's command line (`patchserve admin …`): the server it talks to (default: host and
+    # port above) and its admin key (default: the key file a local `serve` wrote, <data_dir>/admin.key).
+    url: str | None = None
+    admin_key: str | None = None
+
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
         # Resolved once, here: redis-server changes into its --dir before it opens its log, and no

@@ -8,14 +8,15 @@ takes it as it would take one it had just built, and the suite does not download
 The kit is built afresh by `make serve`, as on a first start.
 
 Then the README's Python example with the official `openai` client, the admin key where the README
-says it is, `patchserve worker` from the same directory, and a Ctrl-C: nothing may keep running,
-the embedded redis-server included.
+says it is, the README's `patchserve admin` block as written, `patchserve worker` from the same
+directory, and a Ctrl-C: nothing may keep running, the embedded redis-server included.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -112,6 +113,25 @@ def test_start_up_prints_what_a_person_needs_and_no_library_noise(make_serve):
         assert needed in text, f"{needed!r} missing from the start-up screen:\n{text}"
     for noise in ("WARNING", "Triton", "NUMA", "tcmalloc", "DeprecationWarning", "FutureWarning", "INFO"):
         assert noise not in text, f"library noise {noise!r} on the start-up screen:\n{text}"
+
+
+def test_the_readmes_operator_commands_run_as_written(make_serve):
+    clone, _, _ = make_serve
+    commands = [line for line in (clone / "README.md").read_text().splitlines()
+                if line.startswith(".venv/bin/patchserve admin ")]
+    assert len(commands) >= 5, "the README's command-line block is gone"
+    outputs = []
+    for command in commands:
+        done = subprocess.run(shlex.split(command), cwd=clone, env=_user_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        outputs.append(done.stdout)
+    everything = "\n".join(outputs)
+    assert "reverse@2" in everything and "gate: passed" in everything, everything
+    # The README's rollback left the alias where the quick start found it.
+    key = (clone / ".patchserve" / "admin.key").read_text().strip()
+    alias = httpx.get(f"{README_URL}/admin/aliases/reverse", headers={"authorization": f"Bearer {key}"}).json()
+    assert alias["ref"] == "reverse@1" and alias["history"][-1]["reason"] == "complaints"
 
 
 def test_worker_runs_from_the_same_directory_and_stops_on_sigterm(make_serve):
