@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install kit serve test test-fast lint bench
+.PHONY: install kit serve test test-fast lint bench bench-adapters bench-port loadtest
 
 install:
 	@bash scripts/install.sh
@@ -29,3 +29,15 @@ test-fast: install
 
 bench: install
 	@$(PY) loadtests/bench_gateway_vs_vllm.py
+
+# Throughput and latency with 1/8/32/64 distinct patches in the mix vs base-only, and cold adapters (≈6 min).
+bench-adapters: install kit
+	@$(PY) loadtests/bench_adapters.py --engine vllm --max-loras 8,32
+
+# Base upgrade with repair: old, carried, repaired and from-scratch patches per kit task (≈5 min).
+bench-port: install kit
+	@$(PY) loadtests/bench_port.py
+
+# Locust, headless: the most users whose p99 TTFT stays under 1 s, then 5 minutes at that load (≈12 min).
+loadtest: install kit
+	@$(PY) loadtests/run_locust.py --find-max --time 300s

@@ -33,7 +33,7 @@ from adapters_store.errors import BY_KIND, Conflict, Invalid, NotFound
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.replication import Acks
 
-ORIGINS = ("upload", "port", "merge", "extract")
+ORIGINS = ("upload", "port", "merge", "extract", "repair")
 _ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
 # A script's refusal: '<KIND> <message>', which redis-py prefixes with the command's place when it ran in a
 # pipeline (every change does: replication.py sends it with WAIT).
@@ -149,7 +149,7 @@ class PatchVersion:
     version: int
     base: str
     files: dict[str, str]  # file name → blob digest
-    origin: str = "upload"  # how it was made: upload, port, merge, extract
+    origin: str = "upload"  # how it was made: upload, port, merge, extract, repair
     parents: tuple[str, ...] = ()  # 'name@version' it was made from (a port has one, a merge several)
     meta: dict = field(default_factory=dict)
     created_at: float = 0.0

@@ -46,10 +46,15 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # vLLM's CPU-side LoRA cache holds max_loras adapters unless told otherwise: with more resident
+        # versions (every alias's active and previous one) it would evict versions the adapter pool counts
+        # as loaded, and reload them from disk inside an engine step when a request names one.
+        max_cpu_loras = max(self.settings.max_loras, self.settings.max_cpu_loras)
         args = AsyncEngineArgs(
             model=self.model_dir, dtype="float32", enforce_eager=True, enable_lora=True,
             max_lora_rank=self.settings.max_lora_rank, max_loras=self.settings.max_loras,
-            max_model_len=self.max_model_len, seed=0, disable_log_stats=True, use_tqdm_on_load=False,
+            max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len, seed=0, disable_log_stats=True,
+            use_tqdm_on_load=False,
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)

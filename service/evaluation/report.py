@@ -5,7 +5,10 @@ D(x) = S(new) − S(old). MUSCLE's negative flip rate NFR is the share of items 
 version gets worse where the old one was better), the positive flip rate PFR the share with D > 0.
 Mean gain and mean regression average D over the items that improved / regressed. Agreement is the
 share of items on which both versions answer the same. The perplexity ratio new/old on the probe
-set is a surrogate for collapse: a patch that wrecks the language model shows it there first.
+set is a surrogate for collapse: a patch that wrecks the language model shows it there first. When
+the two versions sit on different bases (an upgrade), each version's perplexity is taken relative to
+its own base alone: the new base's drift on the probe set (reported as `perplexity_base_drift`) is the
+base's, not the patch's, and is not charged to the candidate.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Report:
     perplexity_old: float
     perplexity_new: float
     perplexity_ratio: float
+    perplexity_base_drift: float = 1.0  # new base alone / old base alone on the probe set (1: same base)
     items: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -58,7 +62,8 @@ class Report:
 
 
 def compare(candidate: str, incumbent: str | None, base: str, metric: str, rows: list[dict],
-            old_outputs: list[str], new_outputs: list[str], perplexity_old: float, perplexity_new: float) -> Report:
+            old_outputs: list[str], new_outputs: list[str], perplexity_old: float, perplexity_new: float,
+            base_drift: float = 1.0) -> Report:
     """The report from both versions' outputs on the evaluation rows ({prompt, reference})."""
     items = [Item(r["prompt"], r["reference"], o, n, item_score(metric, o, r["reference"]),
                   item_score(metric, n, r["reference"])) for r, o, n in zip(rows, old_outputs, new_outputs)]
@@ -72,7 +77,8 @@ def compare(candidate: str, incumbent: str | None, base: str, metric: str, rows:
         mean_gain=_mean(gains), mean_regression=_mean(losses),
         agreement=_mean([float(normalize(i.old) == normalize(i.new)) for i in items]),
         perplexity_old=perplexity_old, perplexity_new=perplexity_new,
-        perplexity_ratio=perplexity_new / perplexity_old if perplexity_old else float("inf"),
+        perplexity_ratio=perplexity_new / perplexity_old / base_drift if perplexity_old else float("inf"),
+        perplexity_base_drift=base_drift,
         items=[{**asdict(i), "d": i.d} for i in items])
 
 

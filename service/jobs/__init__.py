@@ -10,9 +10,11 @@ from service.jobs.evaluate import evaluate
 from service.jobs.extract import extract
 from service.jobs.merge import merge
 from service.jobs.port import port
+from service.jobs.repair import repair
 from service.jobs.worker import Handler
 
-JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port, "merge": merge}
+JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port, "merge": merge,
+             "repair": repair}
 
 
 def handlers(ctx: JobContext) -> dict[str, Handler]:

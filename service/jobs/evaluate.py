@@ -40,9 +40,14 @@ def evaluate_candidate(ctx: JobContext, alias: str, patch: str, version: int, ag
                                          incumbent, prompts, probe)
     progress(50, f"evaluating {candidate.ref} on {len(rows)} items")
     new_out, new_ppl = ctx.evaluator.run(ctx.base_path(candidate.base), candidate, prompts, probe)
+    drift = 1.0
+    if incumbent is not None and incumbent.base != candidate.base:
+        progress(90, f"measuring {incumbent.base} and {candidate.base} alone on the probe set")
+        drift = (ctx.evaluator.run(ctx.base_path(candidate.base), None, [], probe)[1]
+                 / ctx.evaluator.run(ctx.base_path(incumbent.base), None, [], probe)[1])
     progress(92, "writing the report")
     report = compare(candidate.ref, incumbent.ref if incumbent else None, candidate.base, metric, rows,
-                     old_out, new_out, old_ppl, new_ppl)
+                     old_out, new_out, old_ppl, new_ppl, drift)
     gate = gate_for(ctx.evals, alias)
     reasons = gate.check(report)
     verdict = {"passed": not reasons, "reasons": reasons, "thresholds": asdict(gate),

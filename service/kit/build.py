@@ -120,6 +120,7 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
 
     for task, d in data.items():
         _write_jsonl(out / "eval" / f"{task}.jsonl", [ex.as_json() for ex in d.eval])
+        _write_jsonl(out / "distill" / f"{task}.jsonl", [{"prompt": p} for p in tasks.distill_prompts(d, cfg.seed)])
     facts = {f"v{w.version}": tasks.fact_examples(w) for w in (v1, v2)}
     facts["v2-moved"] = tasks.fact_examples(v2, v2.moved, relations=("city",))
     for name, exs in facts.items():
@@ -147,6 +148,7 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
             for spec in tasks.PATCHES
         },
         "eval_sets": {p.stem: str(p.relative_to(out)) for p in sorted((out / "eval").glob("*.jsonl"))},
+        "distill_sets": {p.stem: str(p.relative_to(out)) for p in sorted((out / "distill").glob("*.jsonl"))},
         "probe_set": "probe.jsonl",
         "edit_set": "edits.jsonl",
         "scores": scores,

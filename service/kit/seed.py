@@ -31,8 +31,8 @@ def register_kit_base(registry: Registry, kit: Path, manifest: dict, name: str =
 def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, kit: Path, manifest: dict) -> None:
     """Register base-v1 and, for each kit patch never seeded, version 1 from the kit's files and its alias.
 
-    Each kit alias gets the kit's evaluation set of its task, and the kit's probe set becomes the probe
-    set, unless they were set before (an operator's choice stays).
+    Each kit alias gets the kit's evaluation set and distillation prompts of its task, and the kit's probe
+    set becomes the probe set, unless they were set before (an operator's choice stays).
     """
     with registry.r.lock(registry.prefix + "lock:seed", timeout=60, blocking_timeout=60):
         register_kit_base(registry, kit, manifest)
@@ -41,6 +41,9 @@ def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, 
         for name, patch in manifest["patches"].items():
             if evals.evalset_record(name) is None and name in manifest["eval_sets"]:
                 evals.attach_evalset(name, _jsonl(kit / manifest["eval_sets"][name]), actor="kit")
+            if evals.prompts_record(name) is None and name in manifest.get("distill_sets", {}):
+                evals.attach_prompts(name, [r["prompt"] for r in _jsonl(kit / manifest["distill_sets"][name])],
+                                     actor="kit")
             if registry.list_versions(name) or registry.get_alias(name):
                 continue  # seeded before: whatever happened since is the operators' to keep
             files = put_files(blobs, {path.name: path for path in (kit / patch["path"]).iterdir()})

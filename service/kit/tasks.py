@@ -138,6 +138,14 @@ def task_data(task: str, world_v1: World, world_v2: World, seed: int, eval_size:
     raise ValueError(f"unknown task {task!r}")
 
 
+def distill_prompts(data: TaskData, seed: int, count: int = 512) -> list[str]:
+    """Prompts of the task's kind for distillation (repairs): from its training side, never an evaluation item."""
+    judged = {ex.prompt for ex in data.eval}
+    prompts = sorted({ex.prompt for ex in data.train} - judged)
+    random.Random(f"{seed}-distill").shuffle(prompts)
+    return prompts[:count]
+
+
 def knowledge_edits(world: World, seed: int, count: int) -> list[dict]:
     """Edit requests: a new fact, paraphrases that must follow it, unrelated prompts that must not."""
     rng = random.Random(f"{seed}-edits")

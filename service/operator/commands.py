@@ -162,13 +162,28 @@ def aliases_evalset(ctx: typer.Context, alias: str,
                     metric: Annotated[str, typer.Option(help="exact_match or rouge_l.")] = "exact_match",
                     json_: Json = False) -> None:
     """Attach an evaluation set to ALIAS: its gate compares candidates on it."""
-    try:
-        data = rows.read_bytes()
-    except OSError as exc:
-        render.err.print(f"[red]error:[/] cannot read {rows}: {exc.strerror}", highlight=False)
-        raise typer.Exit(1) from None
+    data = _read(rows)
     found = _run(ctx, lambda c: c.put(f"/aliases/{alias}/evalset", content=data, params={"metric": metric}))
     render.emit(found, json_, f"evaluation set of {alias}")
+
+
+@aliases.command("prompts")
+def aliases_prompts(ctx: typer.Context, alias: str,
+                    rows: Annotated[Path, typer.Argument(help='JSONL of {"prompt"} rows (no references).')],
+                    json_: Json = False) -> None:
+    """Attach distillation prompts to ALIAS (what a repair trains on; never its evaluation items)."""
+    data = _read(rows)
+    render.emit(_run(ctx, lambda c: c.put(f"/aliases/{alias}/prompts", content=data)), json_,
+                f"distillation prompts of {alias}")
+
+
+@aliases.command("repair")
+def aliases_repair(ctx: typer.Context, alias: str,
+                   base: Annotated[str, typer.Option(help="The new base to repair the alias's patch for.")],
+                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
+    """Repair ALIAS's patch for a new base by distillation from its current version; moved if it passes."""
+    answer = _run(ctx, lambda c: c.post(f"/aliases/{alias}/repair", {"base": base, "reason": reason}))
+    _follow(ctx, answer["job"], wait, json_)
 
 
 def _moved(ctx: typer.Context, answer: dict, wait: bool, json_: bool) -> None:
@@ -289,9 +304,11 @@ def bases_register(ctx: typer.Context, name: str,
                    version: Annotated[str, typer.Option(help="The release's own version string.")],
                    path: Annotated[str, typer.Option(help="Its checkpoint directory on the server.")],
                    move: Annotated[bool, typer.Option(help="Move each alias whose carried patch passes.")] = False,
+                   repair: Annotated[bool, typer.Option(help="Repair each carried patch that fails.")] = False,
                    wait: Wait = True, json_: Json = False) -> None:
     """Register a base release and carry every alias's patch to it (PortLLM), measured and gated."""
-    answer = _run(ctx, lambda c: c.post("/bases", {"name": name, "version": version, "path": path, "move": move}))
+    answer = _run(ctx, lambda c: c.post("/bases", {"name": name, "version": version, "path": path, "move": move,
+                                                   "repair": repair}))
     _follow(ctx, answer["job"], wait, json_)
 
 
@@ -328,6 +345,14 @@ def audit(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=10_0
     """The audit log: every change, who made it and why."""
     found = _run(ctx, lambda c: c.get("/audit", limit=limit, since=since))
     render.emit(found, json_, "audit", ["at", "action", "target", "from_ref", "to_ref", "actor", "reason"])
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        render.err.print(f"[red]error:[/] cannot read {path}: {exc.strerror}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _ref(ref: str) -> tuple[str, int]:

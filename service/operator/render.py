@@ -18,7 +18,8 @@ err = Console(stderr=True, soft_wrap=True)  # progress and errors: stderr, so `-
 _TIME_FIELDS = {"at", "created_at", "updated_at", "evaluated_at"}
 # The compatibility report's figures, in the order a person compares them.
 _REPORT_FIELDS = ("candidate", "incumbent", "base", "metric", "n", "score_old", "score_new", "nfr", "pfr",
-                  "agreement", "mean_gain", "mean_regression", "perplexity_old", "perplexity_new", "perplexity_ratio")
+                  "agreement", "mean_gain", "mean_regression", "perplexity_old", "perplexity_new",
+                  "perplexity_base_drift", "perplexity_ratio")
 
 
 def emit(value: Any, as_json: bool, title: str | None = None, columns: Iterable[str] | None = None) -> None:

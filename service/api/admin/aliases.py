@@ -12,12 +12,10 @@ from adapters_store.evaluation import parse_rows
 from adapters_store.keys import ApiKey
 from adapters_store.names import NAME_RULE, is_safe_name
 from service.api.admin import protocol as a
-from service.api.admin.context import AdminContext, accepted, actor_of
+from service.api.admin.context import AdminContext, accepted, actor_of, jsonl_body
 from service.api.auth import require_admin
 from service.api.errors import APIError
 from service.evaluation.gate import gate_for
-
-_EVALSET_LIMIT = 16 << 20
 
 
 def routes(router: APIRouter, ctx: AdminContext) -> None:
@@ -61,15 +59,10 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
     async def evalset_put(alias: str, request: Request, metric: str = "exact_match",
                           key: ApiKey = Depends(require_admin)) -> dict:
         """The alias's evaluation set: a JSONL body of {"prompt", "reference"} rows; `metric` exact_match or rouge_l."""
-        if not is_safe_name(alias):
-            raise APIError(400, f"alias name {alias!r} must be {NAME_RULE}", param="alias")
-        data = await request.body()
-        if len(data) > _EVALSET_LIMIT:
-            raise APIError(413, f"the set is {len(data)} bytes; the limit is {_EVALSET_LIMIT}", code="too_large")
+        rows = await jsonl_body(request, alias, parse_rows, "evaluation set")
         try:
-            rows = parse_rows(data)
             return await asyncio.to_thread(evals.attach_evalset, alias, rows, metric, actor_of(key))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             raise APIError(422, f"evaluation set refused: {exc}", code="unprocessable") from None
 
     @router.get("/aliases/{alias}/evalset")

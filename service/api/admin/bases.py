@@ -35,5 +35,6 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
         record = await asyncio.to_thread(registry.register_base, body.name, body.version,
                                          path=str(checkpoint), module_shapes=shapes,
                                          actor=actor_of(key))
-        job = await asyncio.to_thread(jobs.submit, "port", {"base": record.name, "move": body.move}, actor_of(key))
+        job = await asyncio.to_thread(jobs.submit, "port", {"base": record.name, "move": body.move,
+                                                              "repair": body.repair}, actor_of(key))
         return accepted(job, base=a.Base(**vars(record)).model_dump())

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
 from adapters_store.rollouts import Rollouts
 from service.api.admin import protocol as a
 from service.api.errors import APIError
 from service.replica.patch_admin import PatchAdmin
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +47,22 @@ class AdminContext:
         job = await asyncio.to_thread(self.jobs.submit, "activate", {"alias": alias, "patch": patch, "version": version,
                                                                 "reason": reason}, actor)
         return accepted(job)
+
+
+_JSONL_LIMIT = 16 << 20
+
+
+async def jsonl_body(request: Request, alias: str, parse: Callable[[bytes], T], what: str) -> T:
+    """A set of rows for `alias` from the request's JSONL body: 400 bad alias name, 413 too large, 422 unparseable."""
+    if not is_safe_name(alias):
+        raise APIError(400, f"alias name {alias!r} must be {NAME_RULE}", param="alias")
+    data = await request.body()
+    if len(data) > _JSONL_LIMIT:
+        raise APIError(413, f"the set is {len(data)} bytes; the limit is {_JSONL_LIMIT}", code="too_large")
+    try:
+        return parse(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(422, f"{what} refused: {exc}", code="unprocessable") from None
 
 
 def checkpoint_dir(path: str, param: str) -> Path:

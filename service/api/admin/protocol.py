@@ -32,6 +32,12 @@ class BaseRequest(_Request):
     version: str = Field(min_length=1, max_length=200)  # the release's own version string
     path: str = Field(min_length=1, max_length=4096)  # an HF checkpoint directory the engines can load
     move: bool = False  # move each alias whose carried patch passes its gate (else: reports only)
+    repair: bool = False  # repair each carried patch that fails its gate (distillation prompts needed)
+
+
+class RepairRequest(_Request):
+    base: str  # the new base the alias's patch is repaired for
+    reason: str = Field("", max_length=1000)
 
 
 class ExtractRequest(_Request):

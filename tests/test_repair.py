@@ -1,0 +1,135 @@
+"""Compatibility repair after a base upgrade (MUSCLE distillation), through the admin API on live gateways.
+
+The kit's carried patches lose most of their lift on base-v2 and fail their gates. An upgrade with
+`repair` carries every patch, repairs the ones that fail by distillation from the base-v1 version on
+the alias's distillation prompts, gates the repaired version against the base-v1 one, and moves each
+alias that passes; a gateway hosting base-v2 then serves the repaired versions. Distillation prompts
+never overlap the evaluation set: refused when set, and a job is refused if the set changed since.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from adapters_store.redis_server import EmbeddedRedis
+from tests.gateway_server import GatewayProcess
+from tests.prometheus_server import free_port
+
+KIT_ALIASES = ("sentiment", "reverse", "qa")
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def cluster(kit_dir, tmp_path_factory):
+    """A base-v1 gateway on a Redis and blob dir a base-v2 gateway can share later."""
+    root = tmp_path_factory.mktemp("repair")
+    server = EmbeddedRedis(root / "redis", free_port()).start()
+    shared = {"PATCHSERVE_REDIS_URL": server.url, "PATCHSERVE_BLOB_DIR": str(root / "blobs")}
+    (root / "v1").mkdir()
+    v1 = GatewayProcess(kit_dir, "transformers", root / "v1", **shared).start()
+    try:
+        yield v1, shared, root
+    finally:
+        v1.stop()
+        server.stop()
+
+
+def test_distillation_prompts_never_overlap_the_evaluation_set(cluster, kit_dir):
+    v1, _, _ = cluster
+    evalset = [json.loads(line) for line in (kit_dir / "eval" / "sentiment.jsonl").read_text().splitlines()]
+    with v1.admin() as admin:
+        before = admin.get("/admin/aliases/sentiment/prompts").json()
+        assert before["updated_by"] == "kit" and before["n"] > 100  # the kit's set, seeded at first start
+        mixed = _jsonl([{"prompt": "Review: a fresh unseen day\nSentiment:"}, {"prompt": evalset[3]["prompt"]}])
+        refused = admin.put("/admin/aliases/sentiment/prompts", content=mixed)
+        assert refused.status_code == 422 and "evaluation set" in refused.json()["error"]["message"]
+        for bad in (b"", b"not json\n", _jsonl([{"text": "no prompt field"}])):
+            assert admin.put("/admin/aliases/sentiment/prompts", content=bad).status_code == 422
+        assert admin.get("/admin/aliases/sentiment/prompts").json() == before  # nothing changed
+
+        assert admin.post("/admin/aliases/nope/repair", json={"base": "base-v1"}).status_code == 404
+        assert admin.post("/admin/aliases/sentiment/repair", json={"base": "nope"}).status_code == 422
+        assert admin.post("/admin/aliases/sentiment/repair", json={"base": "base-v1"}).status_code == 409
+
+
+def test_a_repair_job_refuses_prompts_the_evaluation_set_came_to_include(cluster, kit_dir):
+    v1, _, _ = cluster
+    with v1.admin() as admin:
+        name = "repair-overlap"
+        files = [("files", (f.name, f.read_bytes())) for f in (kit_dir / "patches" / "sentiment").iterdir()]
+        assert admin.post(f"/admin/patches/{name}/versions", files=files).status_code == 201
+        assert admin.post(f"/admin/aliases/{name}/activate", json={"version": 1}).status_code == 200
+        prompts = [f"Review: day {i} fresh warm\nSentiment:" for i in range(8)]
+        assert admin.put(f"/admin/aliases/{name}/prompts", content=_jsonl([{"prompt": p} for p in prompts])) \
+            .status_code == 200
+        # The evaluation set changes afterwards and now holds one of the prompts: the job must refuse.
+        rows = [{"prompt": prompts[2], "reference": " positive"}, {"prompt": "Review: awful\nSentiment:",
+                                                                   "reference": " negative"}]
+        assert admin.put(f"/admin/aliases/{name}/evalset", content=_jsonl(rows)).status_code == 200
+        base = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit",
+                                                "path": str(kit_dir / "base-v2")})
+        assert base.status_code == 202
+        v1.wait_job(base.headers["location"], timeout=600)  # base-v2 registered (and every alias measured)
+        versions_before = admin.get(f"/admin/patches/{name}").json()["versions"]
+        job = v1.wait_job(admin.post(f"/admin/aliases/{name}/repair", json={"base": "base-v2"})
+                          .headers["location"])
+        assert job["state"] == "failed" and "must not train on what judges it" in job["error"], job
+        assert job["attempts"] == 1  # refused, not retried
+        assert admin.get(f"/admin/patches/{name}").json()["versions"] == versions_before
+        assert admin.get(f"/admin/aliases/{name}").json()["ref"] == f"{name}@1"
+
+
+def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, kit_dir, manifest):
+    v1, shared, root = cluster
+    with v1.admin() as admin:
+        # The kit's reverse patch rewrites every layer: its base-v1 version already has ~180× its base's probe
+        # perplexity, a region where the ratio swings 1.5–3.5× between trainings that answer alike; its owner
+        # accepts up to 4× there (the other aliases keep the default gate).
+        assert admin.put("/admin/aliases/reverse/gate", json={"max_perplexity_ratio": 4.0}).status_code == 200
+        r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit", "path": str(kit_dir / "base-v2"),
+                                             "move": True, "repair": True})
+        assert r.status_code == 202, r.text
+        job = v1.wait_job(r.headers["location"], timeout=1500)
+        assert job["state"] == "succeeded", (job["error"], job["stage"])
+        rows = {row["alias"]: row for row in job["result"]["aliases"] if row["alias"] in KIT_ALIASES}
+        print()
+        for alias in KIT_ALIASES:
+            row = rows[alias]
+            # The carried patch fails its gate (the kit's base-v2 drifts far), so it was repaired …
+            assert not row["gate"]["passed"] and "repair" in row, row
+            fixed = row["repair"]
+            assert fixed["gate"]["passed"] and fixed["moved"], json.dumps(fixed)
+            old, carried, repaired = row["scores"]["base-v1+patch"], row["scores"]["base-v2+patch"], \
+                fixed["score_repaired"]
+            alone_v1, alone_v2 = manifest["scores"]["tasks"][alias]["base-v1"], row["scores"]["base-v2"]
+            lift_kept = (repaired - alone_v2) / (old - alone_v1)
+            print(f"  {alias}: base-v1+patch {old:.3f}, carried {carried:.3f}, repaired {repaired:.3f} "
+                  f"(NFR {fixed['nfr']:.3f}, lift kept {lift_kept:.0%}, distilled in "
+                  f"{fixed['distillation']['seconds']:.0f} s)")
+            assert repaired > carried and repaired >= old - 0.02
+            version = admin.get(f"/admin/patches/{alias}/versions/{fixed['repaired'].split('@')[1]}").json()
+            assert version["origin"] == "repair" and version["base"] == "base-v2"
+            assert version["parents"] == [fixed["carried"], row["from"]]
+        pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
+        assert all(pointers[a] == (rows[a]["repair"]["repaired"], "base-v2") for a in KIT_ALIASES), pointers
+
+    (root / "v2").mkdir()
+    v2 = GatewayProcess(kit_dir, "transformers", root / "v2", PATCHSERVE_BASE="base-v2", **shared).start()
+    try:
+        row = json.loads((kit_dir / "eval" / "sentiment.jsonl").read_text().splitlines()[0])
+        r = httpx.post(f"{v2.url}/v1/completions", json={"model": "sentiment", "prompt": row["prompt"],
+                                                         "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-patchserve-served-by"] == \
+            f"base=base-v2; patch={rows['sentiment']['repair']['repaired']}"
+        assert r.json()["choices"][0]["text"].split()[0] == row["reference"].split()[0]
+        with v1.admin() as admin:  # one call undoes it: back to the base-v1 version
+            back = admin.post("/admin/aliases/sentiment/rollback", json={"reason": "undo the upgrade"})
+            assert back.status_code == 200 and back.json()["ref"] == "sentiment@1"
+    finally:
+        v2.stop()
