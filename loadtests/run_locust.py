@@ -108,7 +108,7 @@ def main() -> None:
             steps, users = [], args.users
             if args.find_max:
                 users = 0
-                for step_users in (4, 8, 16, 32, 64, 128):
+                for step_users in (4, 8, 16, 32, 64, 128, 256, 512, 1024):
                     step = run(host, key, step_users, args.step_time, RESULTS / "locust" / f"step{step_users}")
                     steps.append(step)
                     print(f"  {step_users} users: p99 TTFT {step.get('ttft_p99_ms')} ms, "
