@@ -92,12 +92,25 @@ def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, k
         # perplexity, a region where the ratio swings 1.5–3.5× between trainings that answer alike; its owner
         # accepts up to 4× there (the other aliases keep the default gate).
         assert admin.put("/admin/aliases/reverse/gate", json={"max_perplexity_ratio": 4.0}).status_code == 200
+        # An alias whose owner accepts what the carried patch does: it must move as carried, never repaired.
+        keep = "keep-carried"
+        files = [("files", (f.name, f.read_bytes())) for f in (kit_dir / "patches" / "qa").iterdir()]
+        assert admin.post(f"/admin/patches/{keep}/versions", files=files).status_code == 201
+        assert admin.post(f"/admin/aliases/{keep}/activate", json={"version": 1}).status_code == 200
+        qa_rows = (kit_dir / "eval" / "qa.jsonl").read_bytes().splitlines(keepends=True)[:16]
+        assert admin.put(f"/admin/aliases/{keep}/evalset", content=b"".join(qa_rows)).status_code == 200
+        assert admin.put(f"/admin/aliases/{keep}/prompts", content=(kit_dir / "distill" / "qa.jsonl").read_bytes()) \
+            .status_code == 200
+        assert admin.put(f"/admin/aliases/{keep}/gate", json={"max_nfr": 1.0, "min_score_delta": -1.0,
+                                                             "max_perplexity_ratio": 100.0}).status_code == 200
         r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit", "path": str(kit_dir / "base-v2"),
                                              "move": True, "repair": True})
         assert r.status_code == 202, r.text
         job = v1.wait_job(r.headers["location"], timeout=1500)
         assert job["state"] == "succeeded", (job["error"], job["stage"])
-        rows = {row["alias"]: row for row in job["result"]["aliases"] if row["alias"] in KIT_ALIASES}
+        rows = {row["alias"]: row for row in job["result"]["aliases"]}
+        kept = rows["keep-carried"]
+        assert kept["gate"]["passed"] and "repair" not in kept and kept["moved"], kept  # no work wasted
         print()
         for alias in KIT_ALIASES:
             row = rows[alias]
@@ -118,6 +131,7 @@ def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, k
             assert version["parents"] == [fixed["carried"], row["from"]]
         pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
         assert all(pointers[a] == (rows[a]["repair"]["repaired"], "base-v2") for a in KIT_ALIASES), pointers
+        assert pointers["keep-carried"] == (kept["ported"], "base-v2")
 
     (root / "v2").mkdir()
     v2 = GatewayProcess(kit_dir, "transformers", root / "v2", PATCHSERVE_BASE="base-v2", **shared).start()
