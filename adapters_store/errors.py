@@ -44,3 +44,9 @@ BY_KIND: dict[str, type[StoreError]] = {
 
 class NotReplicated(StoreError):
     """Written on the primary, but not confirmed by enough replicas in time: it may not survive a failover."""
+
+
+# Not a StoreError: nothing about the request is wrong, the storage is (for now) out of reach, so the
+# worker retries a job that meets it instead of refusing it for good.
+class BlobStorageError(Exception):
+    """The blob storage (S3 or another S3 API server) failed or is unreachable; the message names what and where."""

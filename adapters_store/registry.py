@@ -39,10 +39,17 @@ _ANY = "*"  # if_current sentinel inside the scripts: no compare-and-set
 # pipeline (every change does: replication.py sends it with WAIT).
 _ERROR = re.compile(r"(?:^|caused error: )([A-Z_]+) (.*)$", re.S)
 
+# KEYS: bases, audit, aliases.  ARGV: name, record, actor, now, channel.
 _REGISTER_BASE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  return redis.call('HGET', KEYS[1], ARGV[1])
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then
+  return existing
 end
+-- One name, one meaning: `model: "<name>"` must not mean an alias on one gateway and a base on another.
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  return redis.error_reply('CONFLICT ' .. ARGV[1] .. ' is the name of an alias; choose another name for the base')
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[2], '*', 'action', 'register_base', 'actor', ARGV[3], 'target', ARGV[1],
            'from', '', 'to', ARGV[1], 'reason', '', 'at', ARGV[4])
 redis.call('PUBLISH', ARGV[5], cjson.encode({type='base_registered', base=ARGV[1], at=tonumber(ARGV[4])}))
@@ -94,7 +101,7 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({type='version_deleted', patch=ARGV[
 return record
 """
 
-# KEYS: versions (of the target patch), aliases, history, audit.
+# KEYS: versions (of the target patch), aliases, history, audit, bases.
 # ARGV: alias, patch, version, base ('' = the version's own), actor, reason, action, now, if_current, channel.
 _MOVE_ALIAS = """
 local to_ref = ARGV[2] .. '@' .. ARGV[3]
@@ -107,6 +114,9 @@ if ARGV[4] ~= '' and ARGV[4] ~= base then
   return redis.error_reply('INCOMPATIBLE ' .. to_ref .. ' is built on base ' .. base .. ', not ' .. ARGV[4])
 end
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw and redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then
+  return redis.error_reply('CONFLICT ' .. ARGV[1] .. ' is the name of a base; choose another name for the alias')
+end
 local before = raw and cjson.decode(raw) or nil
 local from_ref = before and (before.patch .. '@' .. before.version) or ''
 if ARGV[9] ~= '*' and ARGV[9] ~= from_ref then
@@ -311,7 +321,7 @@ class Registry:
                             module_shapes={m: tuple(s) for m, s in (module_shapes or {}).items()},
                             meta=dict(meta or {}), created_at=time.time(), created_by=actor)
         body = asdict(record)
-        existing = self._run(self._register_base, [self._k("bases"), self._k("audit")],
+        existing = self._run(self._register_base, [self._k("bases"), self._k("audit"), self._k("aliases")],
                              [name, json.dumps(body), actor, repr(record.created_at), self.channel])
         if existing is None:
             return record
@@ -424,7 +434,7 @@ class Registry:
               if_current: str | None) -> AliasPointer:
         raw = self._run(self._move_alias,
                         [self._k("patch", patch, "versions"), self._k("aliases"), self._k("alias", alias, "history"),
-                         self._k("audit")],
+                         self._k("audit"), self._k("bases")],
                         [alias, patch, str(int(version)), base, actor, reason, action, repr(time.time()),
                          _ANY if if_current is None else if_current, self.channel])
         return _pointer_from(json.loads(raw))

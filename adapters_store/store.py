@@ -9,11 +9,13 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from adapters_store.blobs import BlobStore, LocalBlobStore
+from adapters_store.blob_url import open_blob_store
+from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
 from adapters_store.registry import Registry
+from adapters_store.replicas import ReplicaDirectory
 from adapters_store.replication import Acks
 
 
@@ -24,16 +26,23 @@ class Store:
     keys: ApiKeyStore
     evals: EvaluationStore
     jobs: JobQueue
+    replicas: ReplicaDirectory  # heartbeats: which replicas are alive and what they host
     redis_url: str  # where the registry is: a redis:// URL, or sentinel://host:port,…/primary-name
     events: Callable[[], aioredis.Redis] | None = None  # new asyncio clients for pub/sub (follow a failover)
 
     @classmethod
     def open(cls, client: redis.Redis, redis_url: str, prefix: str, blob_dir: Path, *, job_max_attempts: int = 3,
              job_backoff_s: float = 1.0, job_claim_idle_s: float = 30.0, acks: Acks = Acks(),
-             events: Callable[[], aioredis.Redis] | None = None) -> Store:
-        """Every part on `client` under `prefix`, blobs in `blob_dir`; registry and key changes acked per `acks`."""
-        blobs = LocalBlobStore(blob_dir)
+             events: Callable[[], aioredis.Redis] | None = None, blob_url: str | None = None,
+             s3_endpoint_url: str | None = None) -> Store:
+        """Every part on `client` under `prefix`; registry and key changes acked per `acks`.
+
+        Blobs in `blob_dir`, or in `blob_url` ("s3://bucket/prefix", on `s3_endpoint_url`) with `blob_dir`
+        as this process's cache.
+        """
+        blobs = open_blob_store(blob_url, blob_dir, s3_endpoint_url)
         jobs = JobQueue(client, prefix, max_attempts=job_max_attempts, backoff_s=job_backoff_s,
                         claim_idle_s=job_claim_idle_s)
         return cls(registry=Registry(client, prefix, acks), blobs=blobs, keys=ApiKeyStore(client, prefix, acks),
-                   evals=EvaluationStore(client, blobs, prefix), jobs=jobs, redis_url=redis_url, events=events)
+                   evals=EvaluationStore(client, blobs, prefix), jobs=jobs,
+                   replicas=ReplicaDirectory(client, prefix), redis_url=redis_url, events=events)

@@ -14,7 +14,8 @@ def open_store(settings: Settings) -> Store:
     return Store.open(client, describe(settings), settings.redis_prefix, settings.blob_path,
                       job_max_attempts=settings.job_max_attempts, job_backoff_s=settings.job_backoff_s,
                       job_claim_idle_s=settings.job_claim_idle_s, acks=acks(settings),
-                      events=event_client_factory(settings))
+                      events=event_client_factory(settings), blob_url=settings.blob_url,
+                      s3_endpoint_url=settings.s3_endpoint_url)
 
 
 def build_worker(store: Store, settings: Settings):
@@ -26,5 +27,5 @@ def build_worker(store: Store, settings: Settings):
 
     work_dir = settings.data_dir / "worker"
     ctx = JobContext(store.registry, store.evals, Evaluator(store.blobs, work_dir), store.blobs,
-                     Limits.from_settings(settings), work_dir)
+                     Limits.from_settings(settings), work_dir, store.replicas)
     return Worker(store.jobs, handlers(ctx))

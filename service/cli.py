@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from service import logs
+from service.drain import Drain
+from service.drain import serve as serve_until_stopped
 from service.operator.commands import app as operator_app
 from service.settings import get_settings
 
@@ -82,26 +84,31 @@ def serve(
     """Serve the base with every alias at its recorded version (the kit's patches on first start)."""
     settings = get_settings()
     configure_logging(log_level or settings.log_level)
-    import uvicorn
-
     from service.api.app import create_app
     from service.bootstrap import build_worker, open_store
     from service.engines import create_engine
 
-    manifest = ensure_kit(settings.kit_path, settings.kit_seed)
     store = open_store(settings)
     if settings.seed_kit:
         from service.kit.seed import seed_registry
 
+        manifest = ensure_kit(settings.kit_path, settings.kit_seed)
         seed_registry(store.registry, store.blobs, store.evals, settings.kit_path, manifest)
+    if settings.base_path is not None:
+        _register_own_base(store, settings)
+    _check_names_free(store, settings)
     base = store.registry.get_base(settings.base)
     if base is None or not base.path:
-        raise typer.BadParameter(f"base {settings.base!r} is not registered with a path")
+        raise typer.BadParameter(f"base {settings.base!r} is not registered with a path: register it "
+                                 f"(POST /admin/bases) or give its checkpoint as PATCHSERVE_BASE_PATH")
     admin_key = _first_admin_key(store, settings)
     engine = create_engine(settings, base.path)
     worker = build_worker(store, settings) if settings.worker_in_process else None
     url = f"http://{host or settings.host}:{port or settings.port}"
-    app = create_app(settings, engine, store, worker,
+    drain = Drain()
+    drain.listeners.append(lambda: console.print("patchserve: SIGTERM: draining (not ready; finishing requests in "
+                                                 "flight, then stopping)"))
+    app = create_app(settings, engine, store, worker, drain=drain, url=url,
                      on_ready=lambda: console.print(f"patchserve: ready on {url} (Ctrl-C stops it)"))
     aliases = ", ".join(f"{p.alias} → {p.ref}" for p in store.registry.list_aliases()) or "none"
     console.print(f"patchserve: {engine.name} engine, base {settings.base} (also as "
@@ -114,9 +121,31 @@ def serve(
     else:
         console.print(f"  admin key: in {key_file}")
     console.print(f"  serving:   {url}/v1 (OpenAI API), {url}/admin, {url}/metrics — starting the engine …")
-    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown; the embedded Redis stops at exit after it.
-    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    # SIGTERM drains (service/drain.py), Ctrl-C stops at once; the embedded Redis stops at exit after it.
+    serve_until_stopped(app, host or settings.host, port or settings.port, drain, settings.drain_grace_s,
+                        settings.drain_timeout_s)
+
+
+@app.command()
+def router(
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default: settings.host)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default: settings.router_port)."),
+    log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
+) -> None:
+    """One endpoint for every base: forwards each request to a live gateway hosting its base (heartbeats in Redis)."""
+    settings = get_settings()
+    configure_logging(log_level or settings.log_level)
+    from service.bootstrap import open_store
+    from service.router.app import create_router_app
+
+    store = open_store(settings)
+    url = f"http://{host or settings.host}:{port or settings.router_port}"
+    drain = Drain()
+    app = create_router_app(store.replicas, store.registry, drain,
+                            on_ready=lambda: console.print(f"patchserve router: ready on {url} (Ctrl-C stops it)"))
+    console.print(f"patchserve router: gateways announced on {store.redis_url}; serving {url}/v1 and {url}/admin")
+    serve_until_stopped(app, host or settings.host, port or settings.router_port, drain, settings.drain_grace_s,
+                        settings.drain_timeout_s)
 
 
 @app.command()
@@ -154,6 +183,33 @@ def configure_logging(level: str) -> None:
     logs.configure(level, settings.log_json)
     logs.quiet_libraries(level)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))
+
+
+def _register_own_base(store, settings) -> None:
+    """Register `settings.base` from `settings.base_path` unless it is already there with the same details."""
+    import json
+
+    from adapters_store.errors import StoreError
+    from adapters_store.validation import base_module_shapes
+
+    config = settings.base_path / "config.json"
+    if not config.is_file():
+        raise typer.BadParameter(f"PATCHSERVE_BASE_PATH {settings.base_path} is not a checkpoint (no config.json)")
+    try:
+        store.registry.register_base(settings.base, settings.base_version, path=str(settings.base_path),
+                                     module_shapes=base_module_shapes(json.loads(config.read_text())),
+                                     actor="gateway-start")
+    except StoreError as exc:
+        raise typer.BadParameter(f"cannot register base {settings.base!r}: {exc.message}") from None
+
+
+def _check_names_free(store, settings) -> None:
+    """Refuse to start if a live gateway of another base answers to one of this gateway's names."""
+    names = {settings.base, *settings.base_aliases}
+    for replica in store.replicas.live():
+        if replica.base != settings.base and (taken := names & set(replica.names)):
+            raise typer.BadParameter(f"{', '.join(sorted(taken))} already means base {replica.base} (replica "
+                                     f"{replica.id}); give this gateway other PATCHSERVE_BASE_ALIASES")
 
 
 def _first_admin_key(store, settings) -> str | None:

@@ -91,6 +91,17 @@ dead_letters = Counter("patchserve_job_dead_letters_total", "Jobs that failed ev
 job_queue_lag = Gauge("patchserve_job_queue_lag_seconds",
                       "Age of the oldest job not finished yet (0 when the queue is drained).", registry=REGISTRY)
 
+router_requests = Counter(
+    "patchserve_router_requests_total", "Requests the router forwarded, by the base that served them and status.",
+    ["base", "status"], registry=REGISTRY)
+router_retries = Counter(
+    "patchserve_router_retries_total", "Requests sent again to another replica before any byte reached the client, "
+    "by why (connect: the replica was gone; misdirected: the alias had moved to another base).",
+    ["reason"], registry=REGISTRY)
+router_replicas = Gauge(
+    "patchserve_router_replicas", "Live replicas that take requests, by base, as the router last read them.",
+    ["base"], registry=REGISTRY)
+
 
 class CompatibilityCollector:
     """The stored compatibility reports as gauges, read from the registry at scrape time.

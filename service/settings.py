@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     # The base this gateway's engine hosts (a registered base), and other names it answers to in `model`.
     base: str = "base-v1"
     base_aliases: list[str] = ["tiny"]
-    # On start: register the kit's base-v1 and seed its patches as aliases (once; never over later changes).
+    # A checkpoint directory for `base`: registered at start if the registry has no such base yet (how
+    # a cluster's first gateway of a base brings it in; the same details again change nothing).
+    base_path: Path | None = None
+    base_version: str = "1"  # the release's own version string, recorded with base_path
+    # On start: build the kit if needed, register its base-v1 and seed its patches as aliases (once;
+    # never over later changes). Off in a cluster, where bases come from base_path and the admin API.
     seed_kit: bool = True
     # How often a replica re-reads every alias from Redis, repairing a missed pub/sub event.
     reconcile_interval_s: float = 1.0
@@ -57,15 +62,34 @@ class Settings(BaseSettings):
     redis_replicas_to_ack: int | None = None
     redis_ack_timeout_ms: int = 2000
     blob_dir: Path | None = None  # default: <data_dir>/blobs
+    # Blobs in S3-compatible storage ("s3://bucket/prefix"; credentials from the usual AWS_* variables,
+    # or a Secret on Kubernetes); blob_dir is then this replica's local cache, every read checked by sha256.
+    blob_url: str | None = None
+    s3_endpoint_url: str | None = None  # MinIO, moto, or another S3 API server; default: AWS
     # Worker: in-process under `serve` (embedded defaults) unless disabled; `patchserve worker` runs one alone.
     worker_in_process: bool = True
     job_max_attempts: int = 3
     job_backoff_s: float = 1.0  # first retry after this, doubling each attempt
     job_claim_idle_s: float = 30.0  # a job whose worker has been silent this long is taken over
     worker_metrics_port: int = 9101  # /metrics of a standalone worker
-    # Upload limits (validation refuses past them with 413).
-    max_upload_bytes: int = 64 << 20
+    # Upload limits (413 past them, enforced while the body streams). 2 GiB fits a rank-64 adapter on
+    # every linear layer of a 7B model (several hundred MB) with room to spare.
+    max_upload_bytes: int = 2 << 30
     max_safetensors_header_bytes: int = 1 << 20
+
+    # Scale-out. A gateway announces itself (url, bases, versions resident, ready) in Redis every
+    # heartbeat_interval_s; the announcement expires after heartbeat_ttl_s, so a replica that dies
+    # leaves routing within that time, and a move to a base no live replica hosts is refused.
+    replica_id: str | None = None  # default: <hostname>-<port>; a pod's name on Kubernetes
+    advertise_url: str | None = None  # how routers reach this gateway; default http://<host>:<port>
+    heartbeat_interval_s: float = 0.5
+    heartbeat_ttl_s: float = 2.0
+    # SIGTERM drains: not ready at once (routers see it within a heartbeat), still serving for
+    # drain_grace_s, then no new connections and up to drain_timeout_s for requests in flight.
+    drain_grace_s: float = 1.5
+    drain_timeout_s: float = 30.0
+    # `patchserve router`: one endpoint for every base, in front of the gateways on this Redis.
+    router_port: int = 8080
 
     # The operator's command line (`patchserve admin …`): the server it talks to (default: host and
     # port above) and its admin key (default: the key file a local `serve` wrote, <data_dir>/admin.key).
@@ -79,6 +103,8 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         self.kit_dir = (self.kit_dir or self.data_dir / "kit").expanduser().resolve()
         self.blob_dir = (self.blob_dir or self.data_dir / "blobs").expanduser().resolve()
+        if self.base_path is not None:
+            self.base_path = self.base_path.expanduser().resolve()
         return self
 
     @property

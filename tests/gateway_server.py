@@ -54,18 +54,11 @@ class GatewayProcess:
             self.proc.wait()
 
     def start(self, timeout: float = 240) -> GatewayProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"))
-        wait_ready(self.proc, f"{self.url}/readyz", self.log_path, timeout, "gateway")
+        self.proc = _start(["serve"], self.env, self.log_path, f"{self.url}/readyz", timeout, "gateway")
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        _stop(self.proc)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include `labels`, read from /metrics."""
@@ -77,3 +70,40 @@ class GatewayProcess:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
         return total
+
+
+class RouterProcess:
+    """`patchserve router` in a subprocess on a free loopback port, on the gateways' Redis."""
+
+    def __init__(self, redis_url: str, logdir: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = logdir / f"router-{self.port}.log"
+        self.env = {**os.environ, "PATCHSERVE_REDIS_URL": redis_url, "PATCHSERVE_ROUTER_PORT": str(self.port),
+                    "PATCHSERVE_DATA_DIR": str(logdir / "router"), "PATCHSERVE_LOG_LEVEL": "WARNING", **env}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> RouterProcess:
+        self.proc = _start(["router"], self.env, self.log_path, f"{self.url}/readyz", timeout, "router")
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _start(command: list[str], env: dict, log: Path, ready_url: str, timeout: float, what: str) -> subprocess.Popen:
+    """`patchserve <command>` in a subprocess, once `ready_url` answers 200; stderr to `log`."""
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", *command], env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"))
+    wait_ready(proc, ready_url, log, timeout, what)
+    return proc
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """SIGTERM (a drain), then SIGKILL if it has not exited in 30 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

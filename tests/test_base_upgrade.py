@@ -105,8 +105,14 @@ def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, tmp_pa
             # qa's owner accepts some regression for the new base; the other aliases keep the default gate.
             relaxed = {"max_nfr": 0.5, "min_score_delta": -0.2, "max_perplexity_ratio": 3.0}
             assert admin.put("/admin/aliases/qa/gate", json=relaxed).status_code == 200
-            r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit",
-                                                 "path": str(kit_dir / "base-v2"), "move": True})
+            upgrade = {"name": "base-v2", "version": "kit", "path": str(kit_dir / "base-v2"), "move": True}
+            # No gateway hosts base-v2 yet: moving aliases there is refused, and nothing is registered.
+            refused = admin.post("/admin/bases", json=upgrade)
+            assert refused.status_code == 409 and "base-v2" in refused.json()["error"]["message"], refused.text
+            assert "base-v2" not in {b["name"] for b in admin.get("/admin/bases").json()}
+            # Forced, with a reason: the operator starts base-v2's gateway next (tests/test_scale_out.py
+            # shows the unforced order: register, start the gateway, then move).
+            r = admin.post("/admin/bases", json={**upgrade, "force": True, "reason": "base-v2 gateway starts next"})
             job = v1.wait_job(r.headers["location"])
             assert job["state"] == "succeeded", job
             moved = {row["alias"]: row["moved"] for row in job["result"]["aliases"]}

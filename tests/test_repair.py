@@ -104,7 +104,8 @@ def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, k
         assert admin.put(f"/admin/aliases/{keep}/gate", json={"max_nfr": 1.0, "min_score_delta": -1.0,
                                                              "max_perplexity_ratio": 100.0}).status_code == 200
         r = admin.post("/admin/bases", json={"name": "base-v2", "version": "kit", "path": str(kit_dir / "base-v2"),
-                                             "move": True, "repair": True})
+                                             "move": True, "repair": True, "force": True,
+                                             "reason": "the base-v2 gateway starts once the aliases moved"})
         assert r.status_code == 202, r.text
         job = v1.wait_job(r.headers["location"], timeout=1500)
         assert job["state"] == "succeeded", (job["error"], job["stage"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters_store.replicas import ReplicaInfo
 from adapters_store.rollouts import Rollouts
 from adapters_store.store import Store
 from adapters_store.validation import Limits
@@ -23,8 +26,10 @@ from service.api.auth import require_admin
 from service.api.errors import install_error_handlers
 from service.api.openai.routes import openai_router
 from service.api.openai.serving import OpenAIServing
+from service.drain import Drain
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
 from service.replica.adapter_pool import AdapterPool
+from service.replica.heartbeat import Heartbeat
 from service.replica.live_guard import LiveGuard
 from service.replica.patch_admin import PatchAdmin
 from service.replica.registry_sync import RegistrySync
@@ -39,20 +44,34 @@ SERVED_BY = "x-patchserve-served-by"
 
 
 def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker | None = None,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None, drain: Drain | None = None,
+               url: str | None = None) -> FastAPI:
     """The gateway over `engine`, following the registry in `store`; the engine (and `worker`) start with the app.
 
-    `on_ready` is called once every alias is loaded and the first request can be admitted.
+    `on_ready` is called once every alias is loaded and the first request can be admitted. `drain`
+    (SIGTERM) makes it not ready and announces it; `url` is where routers reach it (its heartbeat).
     """
-    resolver = Resolver(bases={name: settings.base for name in (settings.base, *settings.base_aliases)})
+    drain = drain or Drain()
+    url = settings.advertise_url or url or f"http://{settings.host}:{settings.port}"
+    replica_id = settings.replica_id or f"{socket.gethostname()}-{url.rsplit(':', 1)[-1].strip('/')}"
+    names = [settings.base, *settings.base_aliases]
+    resolver = Resolver(bases={name: settings.base for name in names})
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
     rollouts = Rollouts(store.registry)
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s,
                         rollouts, events_client=store.events)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
-                         Limits.from_settings(settings), settings.base)
+                         Limits.from_settings(settings), settings.base, store.replicas)
     serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
                             guard=LiveGuard(store.registry, store.evals, resolver, pool, engine, rollouts))
+    started_at, state = time.time(), {"ready": False}
+
+    def describe() -> ReplicaInfo:
+        return ReplicaInfo(id=replica_id, url=url, base=settings.base, names=names, engine=engine.name,
+                           ready=state["ready"] and not drain.draining, draining=drain.draining,
+                           versions=sorted(engine.adapters()), in_flight=serving.in_flight, started_at=started_at)
+
+    heartbeat = Heartbeat(store.replicas, describe, settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -70,9 +89,15 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
         metrics.compatibility.source = store.evals.reports
         if worker is not None:
             worker.start()
+        state["ready"] = True
+        await heartbeat.start()  # routers send requests from here on
+        # Draining is announced at once, not at the next beat: routers stop sending sooner.
+        loop = asyncio.get_running_loop()
+        drain.listeners.append(lambda: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(heartbeat.beat())))
         if on_ready is not None:
             on_ready()
         yield
+        await heartbeat.stop()
         metrics.engine_ready.labels(engine.name).set(0)
         await serving.guard.stop()
         if worker is not None:
@@ -85,7 +110,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     app.state.keys = store.keys
     app.state.sync = sync
     app.include_router(admin_router(AdminContext(store.registry, patches, store.keys, store.evals, store.jobs, rollouts,
-                                                 settings.max_upload_bytes, settings.max_lora_rank)))
+                                                 settings.max_upload_bytes, settings.max_lora_rank, store.replicas)))
 
     install_error_handlers(app)
 
@@ -95,6 +120,9 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        if drain.draining:
+            return JSONResponse({"status": "not ready", "reason": "draining: finishing requests in flight, then "
+                                                                  "stopping"}, status_code=503)
         try:
             await asyncio.wait_for(_probe(engine), timeout=10)
         except Exception as exc:  # readiness answers; it never raises
@@ -110,7 +138,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     async def replica() -> dict:
         """What this replica serves now, read at one instant (no engine round trip, unlike /readyz)."""
         aliases = {alias: resolver.pointer(alias).ref for alias in resolver.aliases}
-        return {"engine": engine.name, "base": settings.base, "aliases": aliases, "elsewhere": resolver.elsewhere,
+        return {"id": replica_id, "url": url, "draining": drain.draining,
+                "engine": engine.name, "base": settings.base, "aliases": aliases, "elsewhere": resolver.elsewhere,
                 "adapters": engine.adapters(),
                 "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile}
 

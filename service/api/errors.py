@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters_store.errors import (
+    BlobStorageError,
     Conflict,
     Incompatible,
     Invalid,
@@ -75,6 +76,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(503, f"The registry (Redis) is unreachable, so nothing can be changed now; inference goes on "
                              f"unchanged. Retry shortly. ({type(exc).__name__})", type_="service_unavailable",
                         code="registry_unavailable", headers={"Retry-After": "2"}).response()
+
+    @app.exception_handler(BlobStorageError)
+    async def blobs_unavailable(_: Request, exc: BlobStorageError) -> JSONResponse:
+        return APIError(503, f"The blob storage is unreachable, so no version can be stored or fetched now; inference "
+                             f"on loaded versions goes on. Retry shortly. ({exc})", type_="service_unavailable",
+                        code="blob_storage_unavailable", headers={"Retry-After": "2"}).response()
 
     @app.exception_handler(RequestRefused)
     async def engine_refused(_: Request, exc: RequestRefused) -> JSONResponse:

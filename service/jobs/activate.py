@@ -6,7 +6,6 @@ overwritten by a stale verdict. Idempotent: an alias already at the target is a 
 
 from __future__ import annotations
 
-from adapters_store.errors import StoreError
 from adapters_store.jobs import Job
 from service.jobs.context import JobContext
 from service.jobs.evaluate import evaluate_candidate
@@ -28,9 +27,8 @@ def activate(ctx: JobContext, job: Job, progress: Progress) -> dict:
                             from_ref=against or "", to_ref=target)
         return {"activated": False, "alias": alias, "to": target, "report": report, "gate": verdict}
     progress(97, "moving the alias")
-    try:
-        ctx.registry.activate(alias, patch, version, actor=job.actor,
-                              reason=p.get("reason") or "gate passed", if_current=against or "")
-    except StoreError as exc:
-        raise JobRefused(exc.message) from None  # it moved meanwhile: the verdict no longer applies
+    # Refused if it moved meanwhile (the verdict no longer applies) or its base has no live replica.
+    if (why_not := ctx.move(alias, ctx.version(patch, version), against or "", job.actor,
+                            p.get("reason") or "gate passed")) is not None:
+        raise JobRefused(why_not)
     return {"activated": True, "alias": alias, "from": against, "to": target, "report": report, "gate": verdict}

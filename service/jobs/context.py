@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_store.blobs import BlobStore
+from adapters_store.errors import StoreError
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.registry import PatchVersion, Registry
+from adapters_store.replicas import ReplicaDirectory
 from adapters_store.validation import Limits
 from service.evaluation.evaluator import Evaluator
 from service.jobs.worker import JobRefused
@@ -21,6 +23,22 @@ class JobContext:
     blobs: BlobStore
     limits: Limits
     work_dir: Path
+    replicas: ReplicaDirectory
+
+    def move(self, alias: str, version: PatchVersion, if_current: str, actor: str, reason: str,
+             force_host: bool = False) -> str | None:
+        """Move `alias` to `version` if it still points to `if_current`; None when moved, else why not.
+
+        Not to a base no live replica hosts (unless `force_host`): every request would be refused.
+        """
+        try:
+            if not force_host:
+                self.replicas.require_host(version.base)
+            self.registry.activate(alias, version.name, version.version, actor=actor, reason=reason,
+                                   if_current=if_current)
+        except StoreError as exc:
+            return exc.message
+        return None
 
     def version(self, patch: str, version: int) -> PatchVersion:
         """A registered version, or the job is refused (no retry can make it exist)."""

@@ -59,15 +59,12 @@ def _port_one(ctx: JobContext, job: Job, pointer, target, config: dict, move: bo
     metric = found[1] if found else "exact_match"
     new_base_alone = (sum(item_score(metric, a, r["reference"]) for a, r in zip(alone, found[0])) / len(alone)
                       if alone else 0.0)
-    moved = False
-    if move and verdict["passed"]:
-        try:
-            ctx.registry.activate(pointer.alias, carried.name, carried.version, actor=job.actor,
-                                   reason=f"base upgrade to {target.name}: gate passed", if_current=source.ref)
-            moved = True
-        except StoreError:
-            moved = False  # the alias moved meanwhile: its operator decided
-    out = {**row, "ported": carried.ref, "incompatible": None, "moved": moved,
+    moved, held = False, None
+    if move and verdict["passed"]:  # held: the alias moved meanwhile (its operator decided), or no host
+        held = ctx.move(pointer.alias, carried, source.ref, job.actor, f"base upgrade to {target.name}: gate passed",
+                        bool(job.params.get("force")))
+        moved = held is None
+    out = {**row, "ported": carried.ref, "incompatible": None, "moved": moved, "held": held,
            "scores": {f"{pointer.base}+patch": report["score_old"], f"{target.name}": new_base_alone,
                       f"{target.name}+patch": report["score_new"]},
            "nfr": report["nfr"], "pfr": report["pfr"], "gate": verdict}

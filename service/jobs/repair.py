@@ -66,19 +66,16 @@ def repair_alias(ctx: JobContext, job: Job, alias: str, source: PatchVersion, ca
         repaired = _distil_and_register(ctx, job, source, carried, target, prompts, progress)
     report, verdict = evaluate_candidate(ctx, alias, repaired.name, repaired.version, source.ref,
                                          lambda pct, stage: progress(75 + pct / 4, stage))
-    moved = False
-    if move and verdict["passed"]:
-        try:
-            ctx.registry.activate(alias, repaired.name, repaired.version, actor=job.actor,
-                                  reason=job.params.get("reason") or f"repaired for {target.name}: gate passed",
-                                  if_current=source.ref)
-            moved = True
-        except StoreError:
-            moved = False  # the alias moved meanwhile: its operator decided
+    moved, held = False, None
+    if move and verdict["passed"]:  # held: the alias moved meanwhile (its operator decided), or no host
+        held = ctx.move(alias, repaired, source.ref, job.actor,
+                        job.params.get("reason") or f"repaired for {target.name}: gate passed",
+                        bool(job.params.get("force")))
+        moved = held is None
     return {"alias": alias, "from": source.ref, "carried": carried.ref, "repaired": repaired.ref,
             "distillation": repaired.meta.get("distillation"), "score_old": report["score_old"],
             "score_repaired": report["score_new"], "nfr": report["nfr"], "pfr": report["pfr"],
-            "perplexity_ratio": report["perplexity_ratio"], "gate": verdict, "moved": moved,
+            "perplexity_ratio": report["perplexity_ratio"], "gate": verdict, "moved": moved, "held": held,
             "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -1,4 +1,4 @@
-"""`patchserve admin …`: subcommands by noun (patches, aliases, jobs, reports, merges, bases, keys, audit).
+"""`patchserve admin …`: subcommands by noun (patches, aliases, jobs, reports, merges, bases, keys, audit, cluster).
 
 Exit status: 0 done; 1 refused or failed (one line on stderr); 3 a job finished but its gate refused
 the candidate (so a script can tell "not moved" from "broken").
@@ -305,11 +305,30 @@ def bases_register(ctx: typer.Context, name: str,
                    path: Annotated[str, typer.Option(help="Its checkpoint directory on the server.")],
                    move: Annotated[bool, typer.Option(help="Move each alias whose carried patch passes.")] = False,
                    repair: Annotated[bool, typer.Option(help="Repair each carried patch that fails.")] = False,
-                   wait: Wait = True, json_: Json = False) -> None:
+                   force: Annotated[bool, typer.Option(help="Move even if no live gateway hosts the base yet "
+                                                            "(needs --reason).")] = False,
+                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
     """Register a base release and carry every alias's patch to it (PortLLM), measured and gated."""
     answer = _run(ctx, lambda c: c.post("/bases", {"name": name, "version": version, "path": path, "move": move,
-                                                   "repair": repair}))
+                                                   "repair": repair, "force": force, "reason": reason}))
     _follow(ctx, answer["job"], wait, json_)
+
+
+# -- cluster ---------------------------------------------------------------------------------------------
+@app.command("cluster")
+def cluster(ctx: typer.Context, json_: Json = False) -> None:
+    """Live replicas (from their heartbeats): base, versions resident, last beat; bases no replica serves."""
+    found = _run(ctx, lambda c: c.get("/cluster"))
+    if json_:
+        return render.emit(found, True)
+    rows = [{"replica": r["id"], "base": r["base"], "url": r["url"],
+             "state": "draining" if r["draining"] else "ready" if r["ready"] else "starting",
+             "versions": ", ".join(r["versions"]), "in_flight": r["in_flight"],
+             "heartbeat_age_s": r["heartbeat_age_s"]} for r in found["replicas"]]
+    render.emit(rows, False, "replicas")
+    if found["unserved_bases"]:
+        render.err.print(f"[red]no live replica serves[/] {', '.join(found['unserved_bases'])} "
+                         f"(aliases refused: {', '.join(found['aliases_unserved'])})", highlight=False)
 
 
 # -- keys ------------------------------------------------------------------------------------------------

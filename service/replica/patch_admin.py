@@ -22,6 +22,7 @@ from typing import BinaryIO
 from adapters_store.blobs import BlobStore, put_files
 from adapters_store.errors import Conflict, Incompatible, Invalid, NotFound, TooLarge
 from adapters_store.registry import AliasPointer, PatchVersion, Registry
+from adapters_store.replicas import ReplicaDirectory
 from adapters_store.validation import Limits, check_file_names, check_name, validate_upload
 from service.replica.adapter_pool import AdapterPool
 from service.replica.registry_sync import RegistrySync
@@ -33,8 +34,9 @@ class PatchAdmin:
     """Admin operations on one replica: the registry, the blob store, and this replica's engine."""
 
     def __init__(self, registry: Registry, blobs: BlobStore, pool: AdapterPool, sync: RegistrySync,
-                 staging_dir: Path, limits: Limits, served_base: str):
+                 staging_dir: Path, limits: Limits, served_base: str, replicas: ReplicaDirectory):
         self.registry = registry
+        self.replicas = replicas
         self.blobs = blobs
         self.pool = pool
         self.sync = sync
@@ -98,7 +100,7 @@ class PatchAdmin:
         if record is None:
             raise NotFound(f"no version {patch}@{version}")
         await self._load_then(record, lambda: self.registry.activate(alias, patch, version, actor=actor,
-                                                                        reason=reason, forced=forced))
+                                                                        reason=reason, forced=forced), forced)
         await self.sync.sync_alias(alias)
         return await asyncio.to_thread(self.registry.get_alias, alias)
 
@@ -121,10 +123,14 @@ class PatchAdmin:
         await self.sync.sync_alias(alias)
         return await asyncio.to_thread(self.registry.get_alias, alias)
 
-    async def _load_then(self, record: PatchVersion, move) -> None:
+    async def _load_then(self, record: PatchVersion, move, forced: bool = False) -> None:
         if record.base != self.served_base:
-            raise Conflict(f"{record.ref} is built on base {record.base}, which this gateway does not "
-                                     f"serve ({self.served_base})")
+            # Another base's gateways load it when the event reaches them, and move their own view only
+            # once it is loaded; here there is nothing to load. Unless forced, some replica must host it.
+            if not forced:
+                await asyncio.to_thread(self.replicas.require_host, record.base)
+            await asyncio.to_thread(move)
+            return
         version, name = record, record.ref
         # A lease for the length of the move, so no reconcile unloads the version between its load and the move.
         self.pool.acquire(name)

@@ -28,6 +28,13 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
     async def base_register(body: a.BaseRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
         """Register a new base release, then queue the port job: every alias's patch carried to it and measured."""
         checkpoint = checkpoint_dir(body.path, "path")
+        if body.move and body.force and not body.reason.strip():
+            raise APIError(400, "a forced move to a base no replica hosts needs a reason", param="reason")
+        if body.move and not body.force and not await asyncio.to_thread(ctx.replicas.hosting, body.name):
+            # Registering first (without move) is what lets a gateway for the base start.
+            raise APIError(409, f"no live replica hosts base {body.name}: register it without move, start a gateway "
+                                f"for it (PATCHSERVE_BASE={body.name}), then register it again with move: true "
+                                f"(or force the move with a reason)", param="move", code="base_not_hosted")
         try:
             shapes = base_module_shapes(json.loads((checkpoint / "config.json").read_text()))
         except (ValueError, KeyError) as exc:
@@ -36,5 +43,6 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
                                          path=str(checkpoint), module_shapes=shapes,
                                          actor=actor_of(key))
         job = await asyncio.to_thread(jobs.submit, "port", {"base": record.name, "move": body.move,
-                                                              "repair": body.repair}, actor_of(key))
+                                                              "repair": body.repair, "force": body.force,
+                                                              "reason": body.reason}, actor_of(key))
         return accepted(job, base=a.Base(**vars(record)).model_dump())

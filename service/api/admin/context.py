@@ -16,6 +16,7 @@ from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
+from adapters_store.replicas import ReplicaDirectory
 from adapters_store.rollouts import Rollouts
 from service.api.admin import protocol as a
 from service.api.errors import APIError
@@ -34,16 +35,27 @@ class AdminContext:
     rollouts: Rollouts
     max_upload_bytes: int
     max_rank: int
+    replicas: ReplicaDirectory
 
     async def move(self, alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
         """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""
         if force and not reason.strip():
             raise APIError(400, "a forced activation skips the gate and needs a reason", param="reason")
+        if await asyncio.to_thread(self.registry.get_alias, alias) is None:
+            # A new alias may not take a name a live gateway answers to as its base (`tiny`); registered
+            # bases are refused inside the registry's own move script.
+            taken = {n for r in await asyncio.to_thread(self.replicas.live) for n in r.names}
+            if alias in taken:
+                raise APIError(409, f"{alias} is the name of a base; choose another name for the alias",
+                               param="alias", code="conflict")
         if force or not await asyncio.to_thread(self.patches.needs_gate, alias, patch, version):
             pointer = await self.patches.activate(alias, patch, version, actor, reason, forced=force)
             return JSONResponse(a.Alias.of(pointer).model_dump(), status_code=200)
-        if await asyncio.to_thread(self.registry.get_version, patch, version) is None:
+        record = await asyncio.to_thread(self.registry.get_version, patch, version)
+        if record is None:
             raise APIError(404, f"no version {patch}@{version}", code="not_found")
+        # Said now rather than after an evaluation: the job would refuse the move at its end anyway.
+        await asyncio.to_thread(self.replicas.require_host, record.base)
         job = await asyncio.to_thread(self.jobs.submit, "activate", {"alias": alias, "patch": patch, "version": version,
                                                                 "reason": reason}, actor)
         return accepted(job)

@@ -33,6 +33,9 @@ class BaseRequest(_Request):
     path: str = Field(min_length=1, max_length=4096)  # an HF checkpoint directory the engines can load
     move: bool = False  # move each alias whose carried patch passes its gate (else: reports only)
     repair: bool = False  # repair each carried patch that fails its gate (distillation prompts needed)
+    # With move: aliases move only to a base some live replica hosts, unless forced (with a reason).
+    force: bool = False
+    reason: str = Field("", max_length=1000)
 
 
 class RepairRequest(_Request):
@@ -196,3 +199,31 @@ class Key(BaseModel):
 
 class NewKey(Key):
     key: str  # shown once, never stored
+
+
+class ReplicaView(BaseModel):
+    """A live replica as its last heartbeat announced it."""
+
+    id: str
+    url: str
+    base: str
+    names: list[str]
+    engine: str
+    ready: bool
+    draining: bool
+    versions: list[str]
+    in_flight: int
+    started_at: float
+    heartbeat_at: float
+    heartbeat_age_s: float
+
+    @classmethod
+    def of(cls, info, now: float) -> ReplicaView:
+        return cls(**vars(info), heartbeat_age_s=round(max(0.0, now - info.heartbeat_at), 3))
+
+
+class Cluster(BaseModel):
+    replicas: list[ReplicaView]
+    bases: dict[str, list[str]]  # base → ids of the live replicas that take requests for it
+    unserved_bases: list[str]  # bases aliases point to that no live replica serves
+    aliases_unserved: list[str]  # aliases on those bases: every request for them is refused

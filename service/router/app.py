@@ -1,0 +1,87 @@
+"""The router's app: /v1 and /admin forwarded to the right gateway; its own health, readiness, metrics and model list.
+
+Why a router tier and not one gateway hosting several bases: each base's engine is its own set of
+processes (vLLM spawns them) with its own memory, so per-base gateways scale, restart and fail apart,
+one Deployment each on Kubernetes; the router holds no state but a view of Redis, costs one local
+hop (measured: loadtests/bench_router.py), and any number of routers can run side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapters_store.registry import Registry
+from adapters_store.replicas import ReplicaDirectory
+from service import metrics
+from service.drain import Drain
+from service.router.proxy import Forwarder
+from service.router.table import RoutingTable
+
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+
+
+def create_router_app(directory: ReplicaDirectory, registry: Registry, drain: Drain | None = None,
+                      refresh_s: float = 0.25, on_ready=None) -> Starlette:
+    """The router over the replicas announced in `directory` and the aliases in `registry`."""
+    drain = drain or Drain()
+    table = RoutingTable(directory, registry, refresh_s)
+    # No read timeout: a generation may take minutes; a client that leaves closes it instead.
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0),
+                               limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
+    forwarder = Forwarder(table, client)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        await table.start()
+        if on_ready is not None:
+            on_ready()
+        yield
+        await table.stop()
+        await client.aclose()
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        if drain.draining:
+            return JSONResponse({"status": "not ready", "reason": "draining"}, status_code=503)
+        routable = [r for r in table.view.replicas if r.routable]
+        if not routable:
+            return JSONResponse({"status": "not ready", "reason": "no live replica announces itself"},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "replicas": len(routable),
+                             "bases": sorted({r.base for r in routable}),
+                             "registry": "reachable" if table.registry_reachable else "unreachable (routing on "
+                                                                                      "the last known view)"})
+
+    async def models(_: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "patchserve", "root": base}
+                for name, base in table.models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def view(_: Request) -> Response:
+        """The router's own view (no key needed: it names replicas and bases, nothing a tenant sent)."""
+        now = time.time()
+        return JSONResponse({"read_at": table.view.read_at, "age_s": round(now - table.view.read_at, 3),
+                             "replicas": [{"id": r.id, "url": r.url, "base": r.base, "routable": r.routable,
+                                           "heartbeat_age_s": round(now - r.heartbeat_at, 3)}
+                                          for r in table.view.replicas]})
+
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", prometheus),
+              Route("/router", view), Route("/v1/models", models),
+              Route("/v1/{rest:path}", forwarder.forward, methods=_METHODS),
+              Route("/admin/{rest:path}", forwarder.forward, methods=_METHODS)]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.table = table
+    return app
