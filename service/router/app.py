@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-import httpx
+import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,19 +33,22 @@ def create_router_app(directory: ReplicaDirectory, registry: Registry, drain: Dr
     """The router over the replicas announced in `directory` and the aliases in `registry`."""
     drain = drain or Drain()
     table = RoutingTable(directory, registry, refresh_s)
-    # No read timeout: a generation may take minutes; a client that leaves closes it instead.
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0),
-                               limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
-    forwarder = Forwarder(table, client)
+    forwarder = Forwarder(table, None)
 
     @asynccontextmanager
     async def lifespan(_):
+        # No read timeout: a generation may take minutes; a client that leaves closes it instead.
+        # Raw bytes both ways: the gateway's encoding and framing pass through untouched.
+        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
+                                       connector=aiohttp.TCPConnector(limit=2048, force_close=False),
+                                       auto_decompress=False, skip_auto_headers=("User-Agent",))
+        forwarder.client = client
         await table.start()
         if on_ready is not None:
             on_ready()
         yield
         await table.stop()
-        await client.aclose()
+        await client.close()
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store.keys import ApiKey
 from adapters_store.names import NAME_RULE, is_safe_name
@@ -39,12 +40,21 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
 
     @router.post("/patches/{name}/versions", status_code=201)
     async def upload(name: str, request: Request, key: ApiKey = Depends(require_admin)) -> JSONResponse:
-        """Multipart: the files `adapter_config.json` and `adapter_model.safetensors`; fields `base`, `reason`."""
+        """Multipart: the files `adapter_config.json` and `adapter_model.safetensors`; fields `base`, `reason`.
+
+        The body streams to disk (each file part spools to a temporary file past 1 MiB), so memory
+        stays flat whatever the size; the limit is checked on the bytes as they arrive, so a chunked
+        upload without Content-Length is refused as soon as it passes the limit.
+        """
+        limit = max_upload_bytes + _MULTIPART_SLACK
         length = int(request.headers.get("content-length") or 0)
-        if length > max_upload_bytes + _MULTIPART_SLACK:
+        if length > limit:
             raise APIError(413, f"the upload is {length} bytes; the limit is {max_upload_bytes}", code="too_large")
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise APIError(400, "not a valid multipart upload: send multipart/form-data with the adapter's files")
         try:
-            form = await request.form(max_files=4, max_fields=8)
+            form = await MultiPartParser(request.headers, _limited(request.stream(), limit, max_upload_bytes),
+                                         max_files=4, max_fields=8).parse()
         except MultiPartException as exc:
             raise APIError(400, f"not a valid multipart upload: {exc.message}") from None
         try:
@@ -106,6 +116,16 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
         if report is None:
             raise APIError(404, f"{name}@{version} has no compatibility report yet", code="not_found")
         return report
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int, announced_limit: int) -> AsyncIterator[bytes]:
+    """`stream`, refused with 413 once more than `limit` bytes have arrived."""
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the upload passed the limit of {announced_limit} bytes", code="too_large")
+        yield chunk
 
 
 def _patch(registry: Registry, name: str) -> a.Patch:
