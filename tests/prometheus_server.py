@@ -22,15 +22,15 @@ def free_port() -> int:
 
 
 class PrometheusServer:
-    """deploy/'s Prometheus config with its target rewritten to `target` and a 1 s scrape interval."""
+    """deploy/'s Prometheus config with its targets rewritten to `targets` and a 1 s scrape interval."""
 
-    def __init__(self, workdir: Path, target: str):
+    def __init__(self, workdir: Path, *targets: str):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": list(targets)}]
         config["rule_files"] = [str(DEPLOY / "alerts.yml")]
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -1,4 +1,5 @@
-"""Dashboards and alerts, proven against a real Prometheus scraping a live gateway under a little load.
+"""Dashboards and alerts, proven against a real Prometheus scraping a live gateway and a router in front
+of it, under a little load.
 
 Every panel query of every dashboard must return data; every alert expression must parse and load.
 """
@@ -11,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.gateway_server import GatewayProcess
+from tests.gateway_server import GatewayProcess, RouterProcess
 from tests.prometheus_server import PrometheusServer
 from tests.test_deploy import alert_expressions, dashboard_queries
 
@@ -22,16 +23,17 @@ def scraped(kit_dir, tmp_path_factory):
     Prometheus that has scraped it before, during and after some load."""
     workdir = tmp_path_factory.mktemp("observability")
     gateway = GatewayProcess(kit_dir, "transformers", workdir).start()
-    prometheus = PrometheusServer(workdir, f"127.0.0.1:{gateway.port}").start()
+    router = RouterProcess(f"redis://127.0.0.1:{gateway.env['PATCHSERVE_REDIS_PORT']}/0", workdir).start()
+    prometheus = PrometheusServer(workdir, f"127.0.0.1:{gateway.port}", f"127.0.0.1:{router.port}").start()
     try:
         deadline = time.monotonic() + 30
-        while prometheus.target_health() != ["up"] and time.monotonic() < deadline:
+        while prometheus.target_health() != ["up", "up"] and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert prometheus.target_health() == ["up"]
+        assert prometheus.target_health() == ["up", "up"]
         for _ in range(3):  # load spread over several scrapes, so rate() has points to work with
             for model in ("tiny", "sentiment", "reverse", "qa"):
-                for stream in (False, True):
-                    r = httpx.post(f"{gateway.url}/v1/completions", timeout=60, json={
+                for stream, url in ((False, gateway.url), (True, router.url)):
+                    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
                         "model": model, "prompt": "Review: good great\nSentiment:", "max_tokens": 6,
                         "temperature": 0, "stream": stream})
                     assert r.status_code == 200
@@ -42,6 +44,7 @@ def scraped(kit_dir, tmp_path_factory):
         yield prometheus
     finally:
         prometheus.stop()
+        router.stop()
         gateway.stop()
 
 

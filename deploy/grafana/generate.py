@@ -33,6 +33,9 @@ DASHBOARDS = {
         ("Queue depth", "sum by (engine) (patchserve_queue_depth)", "short"),
         ("Running requests", "sum by (engine) (patchserve_running_requests)", "short"),
         ("Engine ready", "patchserve_engine_ready", "short"),
+        ("Router: requests/s by base and status", "sum by (base, status) (rate(patchserve_router_requests_total[1m]))",
+         "reqps"),
+        ("Live replicas per base (the router's view)", "max by (base) (patchserve_router_replicas)", "short"),
     ]),
     "patches": ("patchserve — Patches and versions", "Which version does each alias serve, and what is loaded?", [
         ("Active version per alias", "patchserve_alias_active_info == 1", "short"),
