@@ -48,6 +48,18 @@ def parse_rows(data: bytes) -> list[dict]:
     return rows
 
 
+def parse_texts(data: bytes) -> list[str]:
+    """JSONL rows of {text} (other fields ignored); ValueError naming the first bad line."""
+    texts = []
+    for n, row in _jsonl_objects(data):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"line {n} needs a non-empty string field 'text'")
+        texts.append(row["text"])
+    if not texts:
+        raise ValueError("the set has no texts")
+    return texts
+
+
 def parse_prompts(data: bytes) -> list[str]:
     """JSONL rows of {prompt} (other fields ignored: no reference needed); ValueError naming the first bad line."""
     prompts = []

@@ -301,7 +301,9 @@ class Registry:
         """The pub/sub channel every change is announced on."""
         return self._k("events")
 
-    def _run(self, script, keys: list[str], args: list[object]):
+    def run_script(self, script, keys: list[str], args: list[object]):
+        """Run one of this registry's Lua scripts (or a sibling store's, on the same Redis), acknowledged once
+        replicated; a refusal it signals is raised as the store's own error."""
         # The scripts signal refusals as '<KIND> <message>' errors (errors.BY_KIND); anything else is a real failure.
         try:
             return self.acks.write(self.r, lambda pipe: script(keys=keys, args=args, client=pipe))[0]
@@ -321,7 +323,7 @@ class Registry:
                             module_shapes={m: tuple(s) for m, s in (module_shapes or {}).items()},
                             meta=dict(meta or {}), created_at=time.time(), created_by=actor)
         body = asdict(record)
-        existing = self._run(self._register_base, [self._k("bases"), self._k("audit"), self._k("aliases")],
+        existing = self.run_script(self._register_base, [self._k("bases"), self._k("audit"), self._k("aliases")],
                              [name, json.dumps(body), actor, repr(record.created_at), self.channel])
         if existing is None:
             return record
@@ -357,7 +359,7 @@ class Registry:
         created_at = time.time()
         body = {"name": name, "base": base, "files": dict(files), "origin": origin, "parents": list(parents),
                 "meta": dict(meta or {}), "created_at": created_at, "created_by": actor}
-        version = self._run(
+        version = self.run_script(
             self._create_version,
             [self._k("bases"), self._k("patch", name, "next"), self._k("patch", name, "versions"),
              self._k("patches"), self._k("audit")] + [self._k("patch", n, "versions") for n, _ in refs],
@@ -383,7 +385,7 @@ class Registry:
 
         Returns the deleted record; its blobs stay (other versions may share them).
         """
-        raw = self._run(self._delete_version,
+        raw = self.run_script(self._delete_version,
                         [self._k("patch", name, "versions"), self._k("aliases"), self._k("audit")],
                         [name, str(int(version)), actor, reason, repr(time.time()), self.channel])
         return _version_from(int(version), json.loads(raw))
@@ -432,7 +434,7 @@ class Registry:
 
     def _move(self, alias: str, patch: str, version: int, base: str, actor: str, reason: str, action: str,
               if_current: str | None) -> AliasPointer:
-        raw = self._run(self._move_alias,
+        raw = self.run_script(self._move_alias,
                         [self._k("patch", patch, "versions"), self._k("aliases"), self._k("alias", alias, "history"),
                          self._k("audit"), self._k("bases")],
                         [alias, patch, str(int(version)), base, actor, reason, action, repr(time.time()),

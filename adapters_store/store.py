@@ -14,6 +14,7 @@ from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKeyStore
+from adapters_store.memories import Memories
 from adapters_store.registry import Registry
 from adapters_store.replicas import ReplicaDirectory
 from adapters_store.replication import Acks
@@ -27,6 +28,7 @@ class Store:
     evals: EvaluationStore
     jobs: JobQueue
     replicas: ReplicaDirectory  # heartbeats: which replicas are alive and what they host
+    memories: Memories  # side memories (knowledge edits): versions, pointers, targets
     redis_url: str  # where the registry is: a redis:// URL, or sentinel://host:port,…/primary-name
     events: Callable[[], aioredis.Redis] | None = None  # new asyncio clients for pub/sub (follow a failover)
 
@@ -43,6 +45,7 @@ class Store:
         blobs = open_blob_store(blob_url, blob_dir, s3_endpoint_url)
         jobs = JobQueue(client, prefix, max_attempts=job_max_attempts, backoff_s=job_backoff_s,
                         claim_idle_s=job_claim_idle_s)
-        return cls(registry=Registry(client, prefix, acks), blobs=blobs, keys=ApiKeyStore(client, prefix, acks),
+        registry = Registry(client, prefix, acks)
+        return cls(registry=registry, memories=Memories(registry), blobs=blobs, keys=ApiKeyStore(client, prefix, acks),
                    evals=EvaluationStore(client, blobs, prefix), jobs=jobs,
                    replicas=ReplicaDirectory(client, prefix), redis_url=redis_url, events=events)

@@ -27,5 +27,5 @@ def build_worker(store: Store, settings: Settings):
 
     work_dir = settings.data_dir / "worker"
     ctx = JobContext(store.registry, store.evals, Evaluator(store.blobs, work_dir), store.blobs,
-                     Limits.from_settings(settings), work_dir, store.replicas)
+                     Limits.from_settings(settings), work_dir, store.replicas, store.memories, settings.memory_layer)
     return Worker(store.jobs, handlers(ctx))

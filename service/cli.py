@@ -93,7 +93,7 @@ def serve(
         from service.kit.seed import seed_registry
 
         manifest = ensure_kit(settings.kit_path, settings.kit_seed)
-        seed_registry(store.registry, store.blobs, store.evals, settings.kit_path, manifest)
+        seed_registry(store.registry, store.blobs, store.evals, settings.kit_path, manifest, store.memories)
     if settings.base_path is not None:
         _register_own_base(store, settings)
     _check_names_free(store, settings)

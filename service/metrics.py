@@ -142,3 +142,51 @@ class CompatibilityCollector:
 
 compatibility = CompatibilityCollector()
 REGISTRY.register(compatibility)
+
+
+# -- side memories (knowledge edits) ---------------------------------------------------------------------
+memory_requests = Counter(
+    "patchserve_memory_requests_total", "Inference requests admitted with a side-memory version.",
+    ["memory", "version"], registry=REGISTRY)
+memory_active = Gauge(
+    "patchserve_memory_active_info", "1 for the version each side memory serves now on this replica.",
+    ["memory", "version", "base"], registry=REGISTRY)
+memory_edits = Gauge(
+    "patchserve_memory_edits", "Edits held by the version each side memory serves now.", ["memory"], registry=REGISTRY)
+memory_slots = Gauge(
+    "patchserve_memory_slots", "Side-memory slots of an engine: in use, and in all.", ["engine", "state"],
+    registry=REGISTRY)
+
+
+class MemoryTokensCollector:
+    """Tokens through each memory version's slot and tokens routed to its side memory, as counters.
+
+    The engine counts them where the forward pass runs (vLLM's worker process), so the gateway reads a
+    snapshot (`update`) before each scrape; the counters grow from the engine's start.
+    """
+
+    def __init__(self):
+        self.snapshot: dict[str, dict[str, int]] = {}
+
+    def update(self, stats: dict[str, dict[str, int]]) -> None:
+        for key, counts in stats.items():
+            self.snapshot[key] = dict(counts)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        tokens = CounterMetricFamily("patchserve_memory_tokens", "Tokens of requests admitted with a memory "
+                                     "version (prompt and generated).", labels=["memory", "version"])
+        routed = CounterMetricFamily("patchserve_memory_routed_tokens", "Of those, the tokens whose activation "
+                                     "crossed the memory's threshold: served by the side memory.",
+                                     labels=["memory", "version"])
+        for key, counts in sorted(self.snapshot.items()):
+            name, _, version = key.rpartition("@")
+            tokens.add_metric([name, version], counts.get("tokens", 0))
+            routed.add_metric([name, version], counts.get("routed", 0))
+        yield tokens
+        yield routed
+
+
+memory_tokens = MemoryTokensCollector()
+REGISTRY.register(memory_tokens)

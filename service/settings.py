@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     max_loras: int = 32
     # Adapters vLLM keeps in host memory (its CPU-side LoRA cache); at least every resident version.
     max_cpu_loras: int = 128
+    # Side memories (knowledge edits, WISE): memory versions resident at once in each engine (each slot
+    # holds one layer's down_proj-sized ΔW: 256 KB on the kit, ~90 MB in bf16 for a 7B), and the decoder
+    # layer they sit beside (default: three quarters down, as WISE chooses). 0 slots: no memories.
+    memory_slots: int = 4
+    memory_layer: int | None = None
     # Requests the gateway holds at once (running + waiting); beyond it: 503 with Retry-After.
     max_in_flight: int = 256
 

@@ -26,6 +26,10 @@ Hooks for tests:
 - `token_delay_s`: a pause before every token;
 - counters and logs: `add_calls`, `remove_calls` (Counters by adapter name), `requests` (every
   GenerationRequest given to `generate`), `served` ((request id, adapter name or None) per request).
+
+Side memories are held like adapters, in `memory_slots` slots: a request's voice is its adapter's voice
+followed by `+<memory key>` when it has a memory, so an answer names the memory version that served it;
+freeing a memory a running request uses, or generating with one not loaded, is a violation.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from service.engines.protocol import (
     AdapterRef,
     GenerationEvent,
     GenerationRequest,
+    MemoryRef,
     OutputDelta,
     RequestRefused,
     TokenLogprob,
 )
+from service.memory.side_memory import SlotsFull
 
 BASE_VOICE = "base"
 
@@ -124,8 +130,11 @@ class FakeEngine:
         self.started = False
         self._tokenizer = FakeTokenizer()
         self._adapters: dict[str, str] = {}  # name → path
-        self._in_use: Counter[str] = Counter()  # adapter name → running requests on it
+        self._in_use: Counter[str] = Counter()  # adapter name (or memory key) → running requests on it
         self._running = 0
+        self.memory_layer: int | None = 0
+        self.memory_slots = 4
+        self._memories: dict[str, str] = {}  # memory key → path
 
     # -- the protocol ---------------------------------------------------------------------------------
     @property
@@ -169,6 +178,28 @@ class FakeEngine:
     def running(self) -> int:
         return self._running
 
+    async def add_memory(self, memory: MemoryRef) -> None:
+        if memory.key in self._memories:
+            return
+        if len(self._memories) >= self.memory_slots:
+            raise SlotsFull(f"all {self.memory_slots} memory slots are in use")
+        if not Path(memory.path).is_file():
+            raise AdapterLoadError(f"{memory.path} is not a file")
+        await asyncio.sleep(0)
+        self._memories[memory.key] = memory.path
+
+    async def remove_memory(self, key: str) -> None:
+        if self._in_use[key]:
+            self.violations.append(f"memory {key} freed while {self._in_use[key]} request(s) ran on it")
+            raise RuntimeError(self.violations[-1])
+        self._memories.pop(key, None)
+
+    def memories(self) -> list[str]:
+        return sorted(self._memories)
+
+    async def memory_stats(self) -> dict[str, dict[str, int]]:
+        return {key: {"tokens": 0, "routed": 0} for key in self._memories}
+
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
@@ -184,11 +215,17 @@ class FakeEngine:
         if len(request.prompt_token_ids) + s.max_tokens > self.max_model_len:
             raise RequestRefused(f"{len(request.prompt_token_ids)} + {s.max_tokens} tokens exceed "
                                  f"{self.max_model_len}")
+        memory = request.memory.key if request.memory else None
+        if memory is not None and memory not in self._memories:
+            self.violations.append(f"{request.request_id} asked for memory {memory}, which is not loaded")
+            raise RuntimeError(self.violations[-1])
         self.served.append((request.request_id, adapter))
-        voice = self.voice(adapter)
+        voice = self.voice(adapter) + (f"+{memory}" if memory else "")
         self._running += 1
         if adapter is not None:
             self._in_use[adapter] += 1
+        if memory is not None:
+            self._in_use[memory] += 1
         try:
             texts = [""] * s.n
             done = [False] * s.n
@@ -225,6 +262,8 @@ class FakeEngine:
             self._running -= 1
             if adapter is not None:
                 self._in_use[adapter] -= 1
+            if memory is not None:
+                self._in_use[memory] -= 1
 
     # -- what tests compute answers with ---------------------------------------------------------------
     def voice(self, adapter: str | None) -> str:

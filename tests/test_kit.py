@@ -73,8 +73,16 @@ def test_data_sets_are_well_formed(kit_dir, manifest):
     for rel in manifest["eval_sets"].values():
         rows = read_jsonl(kit_dir / rel)
         assert rows and all(set(r) == {"prompt", "reference"} for r in rows)
-    for edit in read_jsonl(kit_dir / manifest["edit_set"]):
-        assert edit["target_new"] != edit["target_old"] and edit["paraphrases"] and edit["locality"]
+    edits = read_jsonl(kit_dir / manifest["edit_set"])
+    facts = {ex["prompt"]: ex["reference"] for ex in read_jsonl(kit_dir / manifest["eval_sets"]["facts-v1"])}
+    assert len(edits) >= 120 and len({e["prompt"] for e in edits}) == len(edits)
+    for edit in edits:
+        assert set(edit) == {"prompt", "target", "paraphrases", "locality"}
+        assert edit["target"] != facts[edit["prompt"]], "an edit changes what base-v1 states"
+        assert len(edit["paraphrases"]) >= 2 and edit["locality"]
+    irrelevant = {r["text"] for r in read_jsonl(kit_dir / manifest["memory"]["irrelevant_set"])}
+    held_out = [p for e in edits for p in [e["prompt"], *e["paraphrases"], *e["locality"]]]
+    assert not [t for t in irrelevant if any(t.startswith(p) for p in held_out)], "locality stays held out"
     assert read_jsonl(kit_dir / manifest["probe_set"])
 
 

@@ -6,6 +6,7 @@ Every panel query of every dashboard must return data; every alert expression mu
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -30,12 +31,13 @@ def scraped(kit_dir, tmp_path_factory):
         while prometheus.target_health() != ["up", "up"] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert prometheus.target_health() == ["up", "up"]
+        edit = _a_knowledge_edit(gateway, kit_dir)
         for _ in range(3):  # load spread over several scrapes, so rate() has points to work with
             for model in ("tiny", "sentiment", "reverse", "qa"):
                 for stream, url in ((False, gateway.url), (True, router.url)):
                     r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-                        "model": model, "prompt": "Review: good great\nSentiment:", "max_tokens": 6,
-                        "temperature": 0, "stream": stream})
+                        "model": model, "prompt": "Review: good great\nSentiment:" if model != "tiny" else edit,
+                        "max_tokens": 6, "temperature": 0, "stream": stream})
                     assert r.status_code == 200
             time.sleep(1.5)
             if _ == 0:
@@ -46,6 +48,18 @@ def scraped(kit_dir, tmp_path_factory):
         prometheus.stop()
         router.stop()
         gateway.stop()
+
+
+def _a_knowledge_edit(gateway: GatewayProcess, kit_dir) -> str:
+    """Two of the kit's edits into the memory `facts` (a job): the side-memory metrics get their series.
+    Returns an edited prompt."""
+    edits = [json.loads(line) for line in (kit_dir / "edits.jsonl").read_text().splitlines()[:2]]
+    with gateway.admin() as admin:
+        queued = admin.post("/admin/memories/facts/edits", json={"edits": edits, "reason": "observability"})
+        assert queued.status_code == 202, queued.text
+    job = gateway.wait_job(queued.headers["location"])
+    assert job["result"]["activated"], job
+    return edits[0]["prompt"]
 
 
 def _an_operators_move_and_its_undo(gateway: GatewayProcess, kit_dir) -> None:

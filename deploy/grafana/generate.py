@@ -49,6 +49,14 @@ DASHBOARDS = {
         ("Missed events repaired by the reconcile (last hour)",
          "sum(increase(patchserve_registry_repairs_total[1h]))", "short"),
         ("Registry (Redis) reachable", "patchserve_redis_up", "short"),
+        ("Side memory: tokens routed to it per second, by version",
+         "sum by (memory, version) (rate(patchserve_memory_routed_tokens_total[1m]))", "short"),
+        ("Side memory: share of its requests' tokens it served",
+         "sum by (memory, version) (rate(patchserve_memory_routed_tokens_total[5m])) "
+         "/ sum by (memory, version) (rate(patchserve_memory_tokens_total[5m]))", "percentunit"),
+        ("Side memory: edits in the version served",
+         "max by (memory) (patchserve_memory_edits)", "short"),
+        ("Side-memory slots in use / in all", "sum by (engine, state) (patchserve_memory_slots)", "short"),
     ]),
     "compatibility": ("patchserve — Compatibility", "Is the new version worse than the one it replaces?", [
         ("Negative flip rate by version (share of items it got worse on)",

@@ -28,7 +28,7 @@ from service.api.openai.routes import openai_router
 from service.api.openai.serving import OpenAIServing
 from service.drain import Drain
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
-from service.replica.adapter_pool import AdapterPool
+from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.heartbeat import Heartbeat
 from service.replica.live_guard import LiveGuard
 from service.replica.patch_admin import PatchAdmin
@@ -57,13 +57,15 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     names = [settings.base, *settings.base_aliases]
     resolver = Resolver(bases={name: settings.base for name in names})
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
+    memory_pool = MemoryPool(engine, store.blobs, settings.data_dir / "memories")
     rollouts = Rollouts(store.registry)
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s,
-                        rollouts, events_client=store.events)
+                        rollouts, events_client=store.events, memory_pool=memory_pool)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
                          Limits.from_settings(settings), settings.base, store.replicas)
     serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
-                            guard=LiveGuard(store.registry, store.evals, resolver, pool, engine, rollouts))
+                            guard=LiveGuard(store.registry, store.evals, resolver, pool, engine, rollouts),
+                            memories=memory_pool)
     started_at, state = time.time(), {"ready": False}
 
     def describe() -> ReplicaInfo:
@@ -84,6 +86,9 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
         metrics.running_requests.labels(engine.name).set_function(engine.running)
         metrics.queue_depth.labels(engine.name).set_function(serving.waiting)
         metrics.adapters_resident.labels(engine.name).set_function(lambda: len(engine.adapters()))
+        metrics.memory_slots.labels(engine.name, "used").set_function(lambda: len(engine.memories()))
+        metrics.memory_slots.labels(engine.name, "total").set(settings.memory_slots if engine.memory_layer is not None
+                                                              else 0)
         metrics.engine_ready.labels(engine.name).set(1)
         metrics.job_queue_lag.set_function(metrics.or_nan(store.jobs.lag_s))
         metrics.compatibility.source = store.evals.reports
@@ -110,7 +115,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     app.state.keys = store.keys
     app.state.sync = sync
     app.include_router(admin_router(AdminContext(store.registry, patches, store.keys, store.evals, store.jobs, rollouts,
-                                                 settings.max_upload_bytes, settings.max_lora_rank, store.replicas)))
+                                                 settings.max_upload_bytes, settings.max_lora_rank, store.replicas,
+                                                 store.memories, sync, settings.base, store.blobs)))
 
     install_error_handlers(app)
 
@@ -141,10 +147,17 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
         return {"id": replica_id, "url": url, "draining": drain.draining,
                 "engine": engine.name, "base": settings.base, "aliases": aliases, "elsewhere": resolver.elsewhere,
                 "adapters": engine.adapters(),
+                "memories": {name: v.ref for name, v in resolver.memories.items()},
+                "memory_targets": resolver.memory_targets, "memory_slots": engine.memories(),
+                "memory_layer": engine.memory_layer,
                 "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        try:  # the engine counts routed tokens where the forward pass runs: read them for this scrape
+            metrics.memory_tokens.update(await asyncio.wait_for(engine.memory_stats(), timeout=2))
+        except Exception:  # the scrape never fails for it; the last snapshot stands
+            pass
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_router(serving, resolver))

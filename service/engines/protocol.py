@@ -18,6 +18,14 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class MemoryRef:
+    """A side-memory version as engines know it: a unique key (`memory@version`) and its file."""
+
+    key: str
+    path: str
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -35,6 +43,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingConfig
     adapter: AdapterRef | None = None
+    memory: MemoryRef | None = None  # loaded by the memory pool before the request is submitted
 
 
 @dataclass
@@ -101,3 +110,19 @@ class Engine(Protocol):
         ...
 
     def adapters(self) -> list[str]: ...
+
+    # Side memories (knowledge edits): `memory_layer` is the layer they sit in, None when this engine
+    # has none (memories disabled, or an architecture the memory model does not cover).
+    memory_layer: int | None
+
+    async def add_memory(self, memory: MemoryRef) -> None:
+        """Load a memory version into a free slot (raises SlotsFull when every slot is taken)."""
+        ...
+
+    async def remove_memory(self, key: str) -> None: ...
+
+    def memories(self) -> list[str]: ...
+
+    async def memory_stats(self) -> dict[str, dict[str, int]]:
+        """Per memory key: tokens through its slot and tokens routed to the side memory."""
+        ...

@@ -25,6 +25,7 @@ from service.engines.protocol import (
     EngineHooks,
     GenerationEvent,
     GenerationRequest,
+    MemoryRef,
     OutputDelta,
     TokenLogprob,
 )
@@ -73,6 +74,9 @@ class TransformersEngine:
         self._lock = threading.Lock()  # adapters change only between forward passes
         self._adapters: dict[str, str] = {}
         self._running = 0
+        self.settings = settings
+        self._memory = None  # service.memory.hf_hook.HFMemory once started (None: no memories)
+        self.memory_layer: int | None = None
 
     @property
     def tokenizer(self):
@@ -87,6 +91,7 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         for hook in self.hooks.forward_pre:
             hook(self.model)
+        self._install_memory()
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._serve_batches())
 
@@ -127,6 +132,53 @@ class TransformersEngine:
 
     def adapters(self) -> list[str]:
         return list(self._adapters)
+
+    def _install_memory(self) -> None:
+        from service.memory.hf_hook import HFMemory, decoder_layers, default_layer
+
+        if self.settings.memory_slots <= 0:
+            return
+        try:
+            layers = decoder_layers(self.model)
+        except ValueError:
+            return  # an architecture the memory does not cover: served without memories
+        layer = self.settings.memory_layer
+        layer = default_layer(len(layers)) if layer is None else layer
+        self._memory = HFMemory(self.model, layer, self.settings.memory_slots)
+        self.memory_layer = layer
+
+    async def add_memory(self, memory: MemoryRef) -> None:
+        from service.memory import memory_file
+
+        if memory.key in self.memories():
+            return
+        if self._memory is None:
+            raise RuntimeError("this engine holds no side memories (memory slots 0, or an architecture without them)")
+        started = time.perf_counter()
+        weights = await asyncio.to_thread(memory_file.read, memory.path)
+        if weights.layer != self.memory_layer:
+            raise ValueError(f"memory {memory.key} was trained for layer {weights.layer}; this engine's memory is "
+                             f"at layer {self.memory_layer}")
+        await asyncio.to_thread(self._locked, self._memory.memory.load, memory.key, weights.delta, weights.threshold)
+        metrics.adapter_operation_duration.labels(self.name, "memory_load").observe(time.perf_counter() - started)
+
+    async def remove_memory(self, key: str) -> None:
+        if self._memory is not None:
+            await asyncio.to_thread(self._locked, self._memory.memory.free, key)
+
+    def _locked(self, change, *args):
+        """Run `change` between two forward passes (slots never change during one)."""
+        with self._lock:
+            return change(*args)
+
+    def memories(self) -> list[str]:
+        return sorted(self._memory.memory.loaded()) if self._memory is not None else []
+
+    async def memory_stats(self) -> dict[str, dict[str, int]]:
+        if self._memory is None:
+            return {}
+        m = self._memory.memory
+        return {key: {"tokens": m.tokens[key], "routed": m.routed[key]} for key in set(m.tokens) | set(m.loaded())}
 
     def running(self) -> int:
         return self._running
@@ -184,6 +236,7 @@ class TransformersEngine:
                 for job in batch for i in range(job.request.sampling.n)]
         ids = torch.tensor([r.job.request.prompt_token_ids for r in rows])
         names = [r.job.request.adapter.name if r.job.request.adapter else BASE for r in rows]
+        memories = [r.job.request.memory.key if r.job.request.memory else None for r in rows]
         max_steps = max(r.job.request.sampling.max_tokens for r in rows)
         past = None
         for _ in range(max_steps):
@@ -191,6 +244,8 @@ class TransformersEngine:
             # between two steps, so an activation never waits for a long batch to end.
             with self._lock:
                 extra = {"adapter_names": names} if self._adapters else {}
+                if self._memory is not None:
+                    self._memory.set_rows(memories)  # under the lock: slots do not change during the pass
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()

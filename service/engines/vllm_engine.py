@@ -13,6 +13,7 @@ from service.engines.protocol import (
     EngineHooks,
     GenerationEvent,
     GenerationRequest,
+    MemoryRef,
     OutputDelta,
     RequestRefused,
     TokenLogprob,
@@ -29,13 +30,15 @@ class VLLMEngine:
         self.model_dir = model_dir
         self.settings = settings
         self.max_model_len = settings.max_model_len
-        # vLLM runs its forward pass in the engine-core process; hooks there arrive with the
-        # side-memory and KV-compression issues (via vLLM's model-runner extension points).
+        # vLLM runs its forward pass in the engine-core process: the side memory reaches it through
+        # a registered model class and a worker extension (service/memory/), never through these hooks.
         self.hooks = hooks or EngineHooks()
         self._llm = None
         self._tokenizer = None
         self._lora_ids = itertools.count(1)
         self._adapters: dict[str, object] = {}  # engine name → LoRARequest
+        self._memories: set[str] = set()
+        self.memory_layer: int | None = None
 
     @property
     def tokenizer(self):
@@ -50,14 +53,31 @@ class VLLMEngine:
         # versions (every alias's active and previous one) it would evict versions the adapter pool counts
         # as loaded, and reload them from disk inside an engine step when a request names one.
         max_cpu_loras = max(self.settings.max_loras, self.settings.max_cpu_loras)
+        memory_args = self._memory_args()
         args = AsyncEngineArgs(
             model=self.model_dir, dtype="float32", enforce_eager=True, enable_lora=True,
             max_lora_rank=self.settings.max_lora_rank, max_loras=self.settings.max_loras,
             max_cpu_loras=max_cpu_loras, max_model_len=self.max_model_len, seed=0, disable_log_stats=True,
-            use_tqdm_on_load=False,
+            use_tqdm_on_load=False, **memory_args,
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if memory_args:
+            self.memory_layer = (await self._llm.collective_rpc("patchserve_memory_layer"))[0]
+
+    def _memory_args(self) -> dict:
+        """Engine arguments that load the memory model class (a stock Llama checkpoint only); {} without memories."""
+        from transformers import AutoConfig
+
+        from service.memory.vllm_plugin import ARCHITECTURE
+
+        config = AutoConfig.from_pretrained(self.model_dir)
+        if self.settings.memory_slots <= 0 or list(getattr(config, "architectures", None) or []) != [
+                "LlamaForCausalLM"]:
+            return {}
+        return {"hf_overrides": {"architectures": [ARCHITECTURE], "patchserve_memory_layer": self.settings.memory_layer,
+                                 "patchserve_memory_slots": self.settings.memory_slots},
+                "worker_extension_cls": "service.memory.vllm_worker.MemoryWorkerExtension"}
 
     async def stop(self) -> None:
         if self._llm is not None:
@@ -86,6 +106,30 @@ class VLLMEngine:
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
+    async def add_memory(self, memory: MemoryRef) -> None:
+        if memory.key in self._memories:
+            return
+        if self.memory_layer is None:
+            raise RuntimeError("this engine holds no side memories (memory slots 0, or not a Llama checkpoint)")
+        started = time.perf_counter()
+        await self._llm.collective_rpc("patchserve_memory_load", args=(memory.key, memory.path))
+        metrics.adapter_operation_duration.labels(self.name, "memory_load").observe(time.perf_counter() - started)
+        self._memories.add(memory.key)
+
+    async def remove_memory(self, key: str) -> None:
+        if key not in self._memories:
+            return
+        await self._llm.collective_rpc("patchserve_memory_free", args=(key,))
+        self._memories.discard(key)
+
+    def memories(self) -> list[str]:
+        return sorted(self._memories)
+
+    async def memory_stats(self) -> dict[str, dict[str, int]]:
+        if self.memory_layer is None:
+            return {}
+        return (await self._llm.collective_rpc("patchserve_memory_stats"))[0]
+
     def running(self) -> int:
         # vLLM's own count: an aborted request leaves it at once, whatever our generators do.
         return self._llm.output_processor.get_num_unfinished_requests() if self._llm else 0
@@ -95,12 +139,15 @@ class VLLMEngine:
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
+        from service.memory.vllm_plugin import EXTRA_ARG
+
         s = request.sampling
+        memory = request.memory.key if request.memory else None
         try:
             params = SamplingParams(
                 n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                 stop=list(s.stop) or None, logprobs=s.logprobs, ignore_eos=s.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
+                output_kind=RequestOutputKind.DELTA, extra_args={EXTRA_ARG: memory} if memory else None,
             )
         except ValueError as exc:  # vLLM's VLLMValidationError is one: its own checks of the settings
             raise RequestRefused(str(exc)) from None
@@ -108,8 +155,10 @@ class VLLMEngine:
         if request.adapter is not None:
             await self.add_adapter(request.adapter)  # no-op when resident
             lora = self._adapters[request.adapter.name]
-        stream = self._llm.generate(tokens_input(request.prompt_token_ids), params, request.request_id,
-                                    lora_request=lora)
+        # A memory changes layer L's output and so every later layer's keys and values: cached prefix
+        # blocks are kept apart per memory version (the salt), as vLLM keeps them apart per LoRA.
+        prompt = tokens_input(request.prompt_token_ids, cache_salt=memory)
+        stream = self._llm.generate(prompt, params, request.request_id, lora_request=lora)
         # Closing this generator (client gone) closes vLLM's at once, which aborts the request there.
         async with aclosing(stream):
             async for out in stream:

@@ -8,6 +8,7 @@ and batched without padding, so they are the same tokens the engines serve.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from adapters_store.blobs import BlobStore, materialize
 from adapters_store.registry import PatchVersion
 from service.evaluation.generation import greedy_generate, perplexity
 from service.evaluation.scoring import answer_text
+from service.memory.hf_hook import HFMemory
+from service.memory.memory_file import MemoryWeights
 
 hf_logging.disable_progress_bar()  # logs stay quiet by default; job progress is reported on the job
 
@@ -57,6 +60,28 @@ class Evaluator:
                 # Take the LoRA layers out again, so the cached base stays the plain base.
                 peft.unload()
                 self._bases[base_path] = (model, tok)
+
+    def run_memory(self, base_path: str, weights: MemoryWeights | None, prompts: list[str],
+                   probe: list[str] = ()) -> tuple[list[str], float | None]:
+        """(answers to `prompts`, perplexity on `probe` or None) of the base with a side memory (None: without)."""
+        with self._lock:
+            model, tok = self._base(base_path)
+            hook = HFMemory(model, weights.layer, slots=1) if weights is not None else None
+            try:
+                if hook is not None:
+                    hook.memory.load("candidate", weights.delta, weights.threshold)
+                    hook.set_all("candidate")
+                answers = self._answers(model, tok, prompts)
+                return answers, (perplexity(model, tok, list(probe)) if probe else None)
+            finally:
+                if hook is not None:
+                    hook.remove()
+
+    @contextmanager
+    def base(self, base_path: str):
+        """(model, tokenizer) of a base, held alone while the block runs (the edit job trains on it)."""
+        with self._lock:
+            yield self._base(base_path)
 
     def _answers(self, model, tok, prompts: list[str]) -> list[str]:
         return [answer_text(tok, t) for t in greedy_generate(model, tok, prompts, self.max_new_tokens)]

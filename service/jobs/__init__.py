@@ -6,6 +6,7 @@ from functools import partial
 
 from service.jobs.activate import activate
 from service.jobs.context import JobContext
+from service.jobs.edit import edit, revoke
 from service.jobs.evaluate import evaluate
 from service.jobs.extract import extract
 from service.jobs.merge import merge
@@ -14,7 +15,7 @@ from service.jobs.repair import repair
 from service.jobs.worker import Handler
 
 JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port, "merge": merge,
-             "repair": repair}
+             "repair": repair, "edit": edit, "revoke": revoke}
 
 
 def handlers(ctx: JobContext) -> dict[str, Handler]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from adapters_store.blobs import BlobStore
 from adapters_store.errors import StoreError
 from adapters_store.evaluation import EvaluationStore
+from adapters_store.memories import Memories
 from adapters_store.registry import PatchVersion, Registry
 from adapters_store.replicas import ReplicaDirectory
 from adapters_store.validation import Limits
@@ -24,6 +25,8 @@ class JobContext:
     limits: Limits
     work_dir: Path
     replicas: ReplicaDirectory
+    memories: Memories
+    memory_layer: int | None = None  # the layer side memories sit in (settings.memory_layer; None: WISE's default)
 
     def move(self, alias: str, version: PatchVersion, if_current: str, actor: str, reason: str,
              force_host: bool = False) -> str | None:

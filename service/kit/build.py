@@ -127,7 +127,9 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
         _write_jsonl(out / "eval" / f"facts-{name}.jsonl", [ex.as_json() for ex in exs])
     probes = tasks.probe_texts(v1, cfg.seed, cfg.probes)
     _write_jsonl(out / "probe.jsonl", [{"text": s} for s in probes])
-    _write_jsonl(out / "edits.jsonl", tasks.knowledge_edits(v1, cfg.seed, cfg.edits))
+    _write_jsonl(out / "edits.jsonl", tasks.knowledge_edits(v1, cfg.seed, cfg.edits, data))
+    _write_jsonl(out / "memory" / "irrelevant.jsonl",
+                 [{"text": t} for t in tasks.irrelevant_texts(v1, cfg.seed, data, filler)])
 
     scores = _measure(out, tok, {"base-v1": base_v1, "base-v2": base_v2}, data, facts, probes, progress)
     mark("evaluation", t)
@@ -151,6 +153,7 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
         "distill_sets": {p.stem: str(p.relative_to(out)) for p in sorted((out / "distill").glob("*.jsonl"))},
         "probe_set": "probe.jsonl",
         "edit_set": "edits.jsonl",
+        "memory": {"irrelevant_set": "memory/irrelevant.jsonl"},
         "scores": scores,
         "timings_s": {**timings, "total": round(time.monotonic() - started, 1)},
         "checksums": {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()},

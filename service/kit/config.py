@@ -38,7 +38,7 @@ class KitConfig:
     batch: int = 32
     seq_len: int = 64
     eval_size: int = 96
-    edits: int = 24
+    edits: int = 128  # every city and job of the 64 people: the knowledge-edit world
     probes: int = 64
     threads: int = 2
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from adapters_store.blobs import BlobStore, put_files
 from adapters_store.evaluation import EvaluationStore
+from adapters_store.memories import Memories
 from adapters_store.registry import Registry
 from adapters_store.validation import base_module_shapes
 
 KIT_BASE = "base-v1"
+KIT_MEMORY = "facts"  # the kit's side memory, attached to base-v1, with no edit yet
 
 
 def register_kit_base(registry: Registry, kit: Path, manifest: dict, name: str = KIT_BASE) -> None:
@@ -28,11 +30,13 @@ def register_kit_base(registry: Registry, kit: Path, manifest: dict, name: str =
                            meta={"source": "kit", "kit_hash": manifest["kit_hash"]}, actor="kit")
 
 
-def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, kit: Path, manifest: dict) -> None:
+def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, kit: Path, manifest: dict,
+                  memories: Memories | None = None) -> None:
     """Register base-v1 and, for each kit patch never seeded, version 1 from the kit's files and its alias.
 
     Each kit alias gets the kit's evaluation set and distillation prompts of its task, and the kit's probe
-    set becomes the probe set, unless they were set before (an operator's choice stays).
+    set becomes the probe set, unless they were set before (an operator's choice stays). The side memory
+    `facts` is created once on base-v1, with the kit's irrelevant texts and no edit.
     """
     with registry.r.lock(registry.prefix + "lock:seed", timeout=60, blocking_timeout=60):
         register_kit_base(registry, kit, manifest)
@@ -50,6 +54,10 @@ def seed_registry(registry: Registry, blobs: BlobStore, evals: EvaluationStore, 
             version = registry.create_version(name, patch["base"], files, {"source": "kit"}, actor="kit",
                                               reason="seeded from the kit")
             registry.activate(name, name, version.version, actor="kit", reason="seeded from the kit")
+        if memories is not None and "memory" in manifest and memories.get(KIT_MEMORY) is None:
+            memories.create(KIT_MEMORY, KIT_BASE, KIT_BASE, actor="kit")
+            data = (kit / manifest["memory"]["irrelevant_set"]).read_bytes()
+            memories.set_irrelevant(KIT_MEMORY, blobs.put_bytes(data), data.count(b"\n"), actor="kit")
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -146,25 +146,42 @@ def distill_prompts(data: TaskData, seed: int, count: int = 512) -> list[str]:
     return prompts[:count]
 
 
-def knowledge_edits(world: World, seed: int, count: int) -> list[dict]:
-    """Edit requests: a new fact, paraphrases that must follow it, unrelated prompts that must not."""
+def knowledge_edits(world: World, seed: int, count: int, tasks: dict[str, TaskData]) -> list[dict]:
+    """Counterfactual edits of the world's facts, in the admin API's shape (POST /admin/memories/{name}/edits).
+
+    Each moves one person's city or job: the prompt the base states it from, the new answer, the two other
+    phrasings of the fact as paraphrases (measured, never trained on), and as locality prompts a favourite
+    color of a person of the world's second half (colors are never edited, and the first half's color
+    statements are the memory's irrelevant texts: locality stays held out) and a task prompt.
+    """
     rng = random.Random(f"{seed}-edits")
-    people = rng.sample(world.people, count)
-    others = [p for p in world.people if p not in people]
     edits = []
-    for p in people:
-        new_city = rng.choice([c for c in CITIES if c != p.city])
-        paraphrases = [t.format(name=p.name, value="").rstrip(" .") for t in STATEMENTS["city"][1:]]
-        locality = [rng.choice(fact_examples(world, [o.name])) for o in rng.sample(others, 3)]
+    second_half = world.people[len(world.people) // 2:]
+    task_prompts = [ex.prompt for name in ("sentiment", "reverse") for ex in tasks[name].eval]
+    facts = [(p, rel) for p in world.people for rel in ("city", "job")]
+    for p, rel in rng.sample(facts, min(count, len(facts))):
+        pool = CITIES if rel == "city" else PROFESSIONS
+        new = rng.choice([x for x in pool if x != p.fact(rel)])
+        paraphrases = [t.format(name=p.name, value="").rstrip(" .") for t in STATEMENTS[rel][1:]]
+        other = rng.choice([q for q in second_half if q.name != p.name])
         edits.append({
-            "subject": p.name,
-            "prompt": FACT_PROMPTS["city"].format(name=p.name),
-            "target_new": " " + new_city,
-            "target_old": " " + p.city,
+            "prompt": FACT_PROMPTS[rel].format(name=p.name),
+            "target": " " + new,
             "paraphrases": paraphrases,
-            "locality": [ex.as_json() for ex in locality],
+            "locality": [FACT_PROMPTS["color"].format(name=other.name), rng.choice(task_prompts)],
         })
     return edits
+
+
+def irrelevant_texts(world: World, seed: int, tasks: dict[str, TaskData], filler: list[str]) -> list[str]:
+    """Texts a side memory must stay quiet on while it learns: the first half's color statements, plain text,
+    and task prompts from the training side (never a locality or evaluation prompt)."""
+    rng = random.Random(f"{seed}-irrelevant")
+    first_half = world.people[: len(world.people) // 2]
+    texts = [t.format(name=p.name, value=p.color) for p in first_half for t in STATEMENTS["color"]]
+    texts += rng.sample(filler, min(64, len(filler)))
+    texts += [ex.prompt for name in ("sentiment", "reverse") for ex in rng.sample(tasks[name].train, 32)]
+    return texts
 
 
 def probe_texts(world: World, seed: int, count: int) -> list[str]:

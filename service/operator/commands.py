@@ -1,4 +1,5 @@
-"""`patchserve admin …`: subcommands by noun (patches, aliases, jobs, reports, merges, bases, keys, audit, cluster).
+"""`patchserve admin …`: subcommands by noun (patches, aliases, memories, jobs, reports, merges, bases, keys, audit,
+cluster).
 
 Exit status: 0 done; 1 refused or failed (one line on stderr); 3 a job finished but its gate refused
 the candidate (so a script can tell "not moved" from "broken").
@@ -6,6 +7,7 @@ the candidate (so a script can tell "not moved" from "broken").
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -36,8 +38,9 @@ reports = typer.Typer(help="Compatibility reports of versions.", no_args_is_help
 merges = typer.Typer(help="Merging patches into one version.", no_args_is_help=True)
 bases = typer.Typer(help="Base releases.", no_args_is_help=True)
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
-for sub, name in ((patches, "patches"), (aliases, "aliases"), (jobs, "jobs"), (reports, "reports"),
-                  (merges, "merges"), (bases, "bases"), (keys, "keys")):
+memories = typer.Typer(help="Side memories (knowledge edits): edit, show, roll back, revoke.", no_args_is_help=True)
+for sub, name in ((patches, "patches"), (aliases, "aliases"), (memories, "memories"), (jobs, "jobs"),
+                  (reports, "reports"), (merges, "merges"), (bases, "bases"), (keys, "keys")):
     app.add_typer(sub, name=name)
 
 
@@ -198,6 +201,61 @@ def _follow(ctx: typer.Context, job: dict, wait: bool, json_: bool) -> None:
         render.emit(job, json_, f"job {job['id']} queued (follow it: patchserve admin jobs watch {job['id']})")
         return
     _finish(_run(ctx, lambda c: watch(c, job["id"], show_progress=not json_)), json_)
+
+
+# -- memories --------------------------------------------------------------------------------------------
+@memories.command("list")
+def memories_list(ctx: typer.Context, json_: Json = False) -> None:
+    """Every side memory: its base, what it is attached to, the version it serves and its edits."""
+    found = _run(ctx, lambda c: c.get("/memories"))
+    render.emit(found, json_, "memories", ["name", "base", "target", "ref", "edits", "updated_at", "updated_by"])
+
+
+@memories.command("show")
+def memories_show(ctx: typer.Context, name: str, json_: Json = False) -> None:
+    """A memory's versions (Rel/Gen/Loc over every edit, the gate's verdict) and its moves."""
+    found = _run(ctx, lambda c: c.get(f"/memories/{name}"))
+    if json_:
+        return render.emit(found, True)
+    render.out.print(f"{name} on {found['base']}, attached to {found['target']}: serves [bold]{found['ref']}[/]")
+    rows = [{"ref": v["ref"], "parent": v["parent"], "edits": v["edits"], "added": len(v["added"]),
+             "revoked": ", ".join(v["revoked"]), **{k: (v["report"].get("all") or {}).get(k)
+                                                   for k in ("rel", "gen", "loc")},
+             "ppl ratio": v["report"].get("perplexity_ratio"),
+             "gate": (v["report"].get("gate") or {}).get("passed")} for v in found["versions"]]
+    render.out.print(render.rows_table(rows, list(rows[0]) if rows else ["ref"], f"versions of {name}"))
+    render.out.print(render.rows_table(found["history"], ["at", "action", "from_version", "to_version", "actor",
+                                                          "reason"], f"history of {name}"))
+
+
+@memories.command("edit")
+def memories_edit(ctx: typer.Context, name: str,
+                  edits: Annotated[Path, typer.Argument(help='JSONL of {"prompt", "target", "paraphrases"?, '
+                                                             '"locality"?} rows.')],
+                  reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
+    """Write a batch of facts into NAME: trained on top of the served version, measured, gated, activated."""
+    rows = [json.loads(line) for line in _read(edits).decode().splitlines() if line.strip()]
+    answer = _run(ctx, lambda c: c.post(f"/memories/{name}/edits", {"edits": rows, "reason": reason}))
+    _follow(ctx, answer["job"], wait, json_)
+
+
+@memories.command("rollback")
+def memories_rollback(ctx: typer.Context, name: str,
+                      to: Annotated[Optional[int], typer.Option(help="The version (0: none; default: the one "
+                                                                     "before).")] = None,
+                      reason: Reason = "", json_: Json = False) -> None:
+    """Move NAME back (a pointer move, never gated): to the version before the last move, or --to."""
+    body = {"reason": reason, **({"version": to} if to is not None else {})}
+    moved = _run(ctx, lambda c: c.post(f"/memories/{name}/rollback", body))
+    render.emit(moved, json_, f"{name} → {moved['ref'] or 'no version'}")
+
+
+@memories.command("revoke")
+def memories_revoke(ctx: typer.Context, name: str, edit: Annotated[str, typer.Argument(help="An edit id, like e7.")],
+                    reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
+    """Take one edit back: a new version without it (trained from before it), measured, gated, activated."""
+    answer = _run(ctx, lambda c: c.post(f"/memories/{name}/revoke", {"edit": edit, "reason": reason}))
+    _follow(ctx, answer["job"], wait, json_)
 
 
 # -- jobs ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Which patch versions are loaded in the engine, and when one may leave.
+"""Which patch versions (and, through MemoryPool, memory versions) are loaded in the engine, and when one may leave.
 
 A request holds a lease on the version it was admitted with until its last token; a version is
 removed from the engine only when no lease is left and it is no longer wanted (not active, not the
@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store.blobs import BlobStore, materialize
+from adapters_store.memories import MemoryVersion
 from adapters_store.registry import PatchVersion
-from service.engines.protocol import AdapterRef, Engine
+from service.engines.protocol import AdapterRef, Engine, MemoryRef
+from service.memory.memory_file import FILE_NAME
 
 log = logging.getLogger("patchserve.adapters")
 
@@ -44,9 +46,19 @@ class AdapterPool:
     def _slot(self, name: str) -> _Slot:
         return self._slots.setdefault(name, _Slot())
 
+    kind = "adapter"
+
     def ref(self, version: PatchVersion) -> AdapterRef:
         """How a request names `version` to the engine."""
         return AdapterRef(name=version.ref, path=str(self.versions_dir / version.ref))
+
+    async def _load(self, version: PatchVersion) -> None:
+        ref = self.ref(version)
+        await asyncio.to_thread(materialize, self.blobs, version.files, Path(ref.path))
+        await self.engine.add_adapter(ref)
+
+    async def _unload(self, name: str) -> None:
+        await self.engine.remove_adapter(name)
 
     def leases_held(self) -> dict[str, int]:
         """Engine name → requests holding it now (only names with at least one)."""
@@ -60,11 +72,9 @@ class AdapterPool:
         async with slot.lock:
             if slot.loaded:
                 return
-            ref = self.ref(version)
-            await asyncio.to_thread(materialize, self.blobs, version.files, Path(ref.path))
-            await self.engine.add_adapter(ref)
+            await self._load(version)
             slot.loaded = True
-            log.info("adapter loaded", extra={"fields": {"adapter": version.ref}})
+            log.info(f"{self.kind} loaded", extra={"fields": {self.kind: version.ref}})
 
     def acquire(self, name: str) -> None:
         """Take a lease: `name` stays loaded until the matching release."""
@@ -77,13 +87,25 @@ class AdapterPool:
         if slot.leases == 0 and name not in self._wanted:
             asyncio.get_running_loop().create_task(self._unload_if_idle(name))
 
-    async def keep(self, wanted: dict[str, PatchVersion]) -> None:
-        """Make exactly `wanted` (engine name → version) the versions kept resident: load them, unload idle others."""
+    async def keep(self, wanted: dict[str, PatchVersion], unload_first: bool = False) -> None:
+        """Make exactly `wanted` (engine name → version) the versions kept resident: load them, unload idle others.
+
+        `unload_first`: idle unwanted versions leave before wanted ones load (an engine with few slots).
+        """
         self._wanted = dict(wanted)
+        idle = lambda: [n for n, s in self._slots.items() if n not in wanted and s.leases == 0]  # noqa: E731
+        if unload_first:
+            for name in idle():
+                await self._unload_if_idle(name)
         for version in wanted.values():
             await self.ensure(version)
-        for name in [n for n, s in self._slots.items() if n not in wanted and s.leases == 0]:
+        for name in idle():
             await self._unload_if_idle(name)
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether `name` is in the engine now."""
+        slot = self._slots.get(name)
+        return slot is not None and slot.loaded
 
     async def _unload_if_idle(self, name: str) -> None:
         slot = self._slots.get(name)
@@ -97,7 +119,28 @@ class AdapterPool:
                 # Not loaded from here on: a request arriving during the removal must wait for the lock
                 # and load it again, not take the lock-free path into an engine that is dropping it.
                 slot.loaded = False
-                await self.engine.remove_adapter(name)
-                log.info("adapter unloaded", extra={"fields": {"adapter": name}})
+                await self._unload(name)
+                log.info(f"{self.kind} unloaded", extra={"fields": {self.kind: name}})
             if not slot.leases and self._slots.get(name) is slot:
                 del self._slots[name]
+
+
+class MemoryPool(AdapterPool):
+    """The engine's resident side-memory versions (in its memory slots), with the same leases and keeping.
+
+    A slot is freed only when no request admitted with its version is left, so no request ever meets
+    another version in the slot it was admitted with.
+    """
+
+    kind = "memory"
+
+    def ref(self, version: MemoryVersion) -> MemoryRef:
+        return MemoryRef(key=version.ref, path=str(self.versions_dir / version.ref / FILE_NAME))
+
+    async def _load(self, version: MemoryVersion) -> None:
+        ref = self.ref(version)
+        await asyncio.to_thread(materialize, self.blobs, version.files, Path(ref.path).parent)
+        await self.engine.add_memory(ref)
+
+    async def _unload(self, name: str) -> None:
+        await self.engine.remove_memory(name)

@@ -20,10 +20,11 @@ from collections.abc import Callable
 import redis
 import redis.asyncio as aioredis
 
+from adapters_store.memories import Memories, MemoryVersion
 from adapters_store.registry import AliasPointer, PatchVersion, Registry
 from adapters_store.rollouts import Rollouts
 from service import metrics
-from service.replica.adapter_pool import AdapterPool
+from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.resolver import Resolver, Trial
 
 log = logging.getLogger("patchserve.sync")
@@ -39,8 +40,11 @@ class RegistrySync:
 
     def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
                  redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None,
-                 events_client: Callable[[], aioredis.Redis] | None = None):
+                 events_client: Callable[[], aioredis.Redis] | None = None,
+                 memory_pool: MemoryPool | None = None):
         self.registry = registry
+        self.memories = Memories(registry)
+        self.memory_pool = memory_pool
         self.rollouts = rollouts or Rollouts(registry)
         self.resolver = resolver
         self.pool = pool
@@ -70,7 +74,7 @@ class RegistrySync:
         # Read under the lock: a snapshot read before another apply and applied after it would move an alias back.
         async with self._lock:
             try:
-                snapshot, versions, previous, trials = await asyncio.to_thread(self._read_all)
+                snapshot, versions, previous, trials, memories = await asyncio.to_thread(self._read_all)
             except redis.RedisError as exc:
                 self.registry_reachable = False
                 metrics.redis_up.set(0)
@@ -87,6 +91,7 @@ class RegistrySync:
                     metrics.registry_repairs.inc()  # not the first apply at start: an event went missing
             await self._apply_rollouts(trials)
             await self._keep(previous)
+            await self._apply_memories(*memories)
         self.last_reconcile = time.time()
 
     async def sync_alias(self, alias: str) -> None:
@@ -106,7 +111,24 @@ class RegistrySync:
         snapshot = self.registry.snapshot()
         versions = {name: {v.version: v for v in self.registry.list_versions(name)}
                     for name in self.registry.list_patches()}
-        return snapshot, versions, self._previous_versions(snapshot), self.rollouts.all()
+        return snapshot, versions, self._previous_versions(snapshot), self.rollouts.all(), self._read_memories()
+
+    def _read_memories(self) -> tuple[dict[str, str], dict[str, MemoryVersion | None], list[MemoryVersion]]:
+        """Targets, the active version of each memory of this base (None: none), and each one's previous version."""
+        targets = self.memories.targets()
+        active: dict[str, MemoryVersion | None] = {}
+        previous: list[MemoryVersion] = []
+        records = {m.name: m for m in self.memories.list() if m.base == self.served_base}
+        for name, pointer in self.memories.pointers().items():
+            if name not in records:
+                continue
+            active[name] = self.memories.get_version(name, pointer.version) if pointer.version else None
+            history = self.memories.history(name)
+            if history and history[-1].from_version:
+                before = self.memories.get_version(name, history[-1].from_version)
+                if before is not None:
+                    previous.append(before)
+        return targets, active, previous
 
     def _read_alias(self, alias: str):
         pointer = self.registry.get_alias(alias)
@@ -170,6 +192,39 @@ class RegistrySync:
                 await self.pool.ensure(candidate)
                 self.resolver.rollouts[alias] = trial
 
+    async def _apply_memories(self, targets: dict[str, str], active: dict[str, MemoryVersion | None],
+                              previous: list[MemoryVersion]) -> None:
+        """Serve each memory's active version here (loaded first, then resolved); keep the previous ones loaded."""
+        if self.memory_pool is None or self.memory_pool.engine.memory_layer is None:
+            return
+        wanted = {v.ref: v for v in previous}
+        wanted.update({v.ref: v for v in active.values() if v is not None})
+        try:
+            # Slots are few: idle versions nobody wants leave before new ones come in.
+            await self.memory_pool.keep(wanted, unload_first=True)
+        except Exception as exc:  # full slots, a file the engine refuses: serve what is loaded
+            log.error("memory versions could not be loaded", extra={"fields": {"error": str(exc)}})
+        for name in [n for n in self.resolver.memories if active.get(n) is None]:
+            gone = self.resolver.memories.pop(name)
+            metrics.memory_active.remove(name, str(gone.version), gone.base)
+            log.info("memory moved", extra={"fields": {"memory": name, "to": None, "from": gone.ref}})
+        for name, version in active.items():
+            current = self.resolver.memories.get(name)
+            if version is None or current == version:
+                continue
+            if not self.memory_pool.is_loaded(version.ref):
+                continue  # the old version serves on until the new one is loaded
+            self.resolver.memories[name] = version
+            if current is not None:
+                metrics.memory_active.remove(name, str(current.version), current.base)
+            metrics.memory_active.labels(name, str(version.version), version.base).set(1)
+            log.info("memory moved", extra={"fields": {"memory": name, "to": version.ref,
+                                                       "from": current.ref if current else None}})
+        for name in active:
+            served = self.resolver.memories.get(name)
+            metrics.memory_edits.labels(name).set(len(served.edits) if served else 0)
+        self.resolver.memory_targets = targets
+
     def _forget(self, alias: str) -> None:
         before = self.resolver.pointer(alias)
         self.resolver.aliases.pop(alias, None)
@@ -204,7 +259,7 @@ class RegistrySync:
     async def _on_event(self, event: dict) -> None:
         if event.get("type") == "alias_moved":
             await self.sync_alias(event["alias"])
-        elif event.get("type") in ("version_created", "version_deleted", "rollout_changed"):
+        elif event.get("type") in ("version_created", "version_deleted", "rollout_changed", "memory_changed"):
             await self.reconcile()
 
     async def _periodic(self) -> None:

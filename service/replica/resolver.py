@@ -1,7 +1,9 @@
-"""Resolves a request's `model` to what serves it: a base, and a patch version or none.
+"""Resolves a request's `model` to what serves it: a base, a patch version or none, a memory version or none.
 
 `model` is a base (`tiny`, `base-v1`), an alias (`sentiment` → its active version), or a pinned
-version (`sentiment@1`). The resolver holds plain data, this replica's view of the registry:
+version (`sentiment@1`). The memory is the one attached to the alias, else the one attached to the base
+(a pinned version or the base itself: the base's), if its active version serves on this base. The
+resolver holds plain data, this replica's view of the registry:
 `registry_sync` keeps it current, and moves an alias here only once its version is loaded.
 """
 
@@ -11,6 +13,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from adapters_store.memories import MemoryVersion
 from adapters_store.registry import PatchVersion
 from adapters_store.rollouts import Rollout
 
@@ -47,11 +50,13 @@ class Resolved:
     model: str  # the name as registered (the metrics' `alias` label)
     base: str
     patch: PatchVersion | None
+    memory: MemoryVersion | None = None
 
     @property
     def served_by(self) -> str:
         """The `x-patchserve-served-by` header: the versions that served the request."""
-        return f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}"
+        return (f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}; "
+                f"memory={self.memory.ref if self.memory else 'none'}")
 
     @property
     def version_label(self) -> str:
@@ -65,13 +70,16 @@ class Resolver:
     aliases: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias → (patch, version)
     elsewhere: dict[str, str] = field(default_factory=dict)  # alias → the base it is on, not hosted here
     rollouts: dict[str, Trial] = field(default_factory=dict)  # alias → its canary or shadow candidate
+    memory_targets: dict[str, str] = field(default_factory=dict)  # base or alias → the memory attached to it
+    memories: dict[str, MemoryVersion] = field(default_factory=dict)  # memory → its active version, loaded here
 
     def resolve(self, model: str, user: str | None = None) -> Resolved:
         """The versions that serve `model` now (for `user`, under a canary); raises UnknownModel, HostedElsewhere."""
         if model in self.elsewhere:
             raise HostedElsewhere(model, self.elsewhere[model])
         if model in self.bases:
-            return Resolved(model=model, base=self.bases[model], patch=None)
+            base = self.bases[model]
+            return Resolved(model=model, base=base, patch=None, memory=self.memory_of(base))
         if model in self.aliases:
             patch, version = self.aliases[model]
             pv = self.versions[patch][version]
@@ -79,12 +87,20 @@ class Resolver:
             if (trial and trial.rollout.mode == "canary" and trial.candidate != pv
                     and _bucket(model, user) < trial.rollout.percent):
                 pv = trial.candidate
-            return Resolved(model=model, base=pv.base, patch=pv)
+            return Resolved(model=model, base=pv.base, patch=pv, memory=self.memory_of(pv.base, model))
         name, sep, number = model.partition("@")
         if sep and number.isdigit() and int(number) in self.versions.get(name, {}):
             pv = self.versions[name][int(number)]
-            return Resolved(model=name, base=pv.base, patch=pv)  # the label stays bounded: no "@N"
+            # the label stays bounded: no "@N"
+            return Resolved(model=name, base=pv.base, patch=pv, memory=self.memory_of(pv.base))
         raise UnknownModel(model)
+
+    def memory_of(self, base: str, alias: str | None = None) -> MemoryVersion | None:
+        """The memory version serving `alias` (its own memory, else its base's) on `base`, or None."""
+        name = self.memory_targets.get(alias) if alias else None
+        name = name or self.memory_targets.get(base)
+        version = self.memories.get(name) if name else None
+        return version if version is not None and version.base == base else None
 
     def pointer(self, alias: str) -> PatchVersion | None:
         """The version `alias` serves now, or None."""

@@ -21,7 +21,7 @@ from adapters_store.registry import PatchVersion
 from adapters_store.rollouts import Rollouts
 from adapters_store.store import Store
 from service.api.openai.serving import OpenAIServing
-from service.replica.adapter_pool import AdapterPool
+from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.live_guard import LiveGuard
 from service.replica.registry_sync import RegistrySync
 from service.replica.resolver import Resolver
@@ -79,6 +79,11 @@ def pool(engine, store, tmp_path) -> AdapterPool:
     return AdapterPool(engine, store.blobs, tmp_path / "versions")
 
 
+@pytest.fixture
+def memory_pool(engine, store, tmp_path) -> MemoryPool:
+    return MemoryPool(engine, store.blobs, tmp_path / "memories")
+
+
 @dataclass
 class Replica:
     engine: FakeEngine
@@ -89,18 +94,20 @@ class Replica:
     serving: OpenAIServing
     guard: LiveGuard
     rollouts: Rollouts
+    memory_pool: MemoryPool
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def replica(engine, store, pool):
+async def replica(engine, store, pool, memory_pool):
     """One gateway's replica on the FakeEngine, not yet started (`await replica.sync.start()`); stopped after."""
     resolver = Resolver(bases={BASE: BASE, "tiny": BASE})
     rollouts = Rollouts(store.registry)
-    sync = RegistrySync(store.registry, resolver, pool, BASE, store.redis_url, interval_s=0.2, rollouts=rollouts)
+    sync = RegistrySync(store.registry, resolver, pool, BASE, store.redis_url, interval_s=0.2, rollouts=rollouts,
+                        memory_pool=memory_pool)
     guard = LiveGuard(store.registry, store.evals, resolver, pool, engine, rollouts)
-    serving = OpenAIServing(engine, resolver, pool, max_in_flight=8, guard=guard)
+    serving = OpenAIServing(engine, resolver, pool, max_in_flight=8, guard=guard, memories=memory_pool)
     await engine.start()
-    yield Replica(engine, store, resolver, pool, sync, serving, guard, rollouts)
+    yield Replica(engine, store, resolver, pool, sync, serving, guard, rollouts, memory_pool)
     await guard.stop()
     await sync.stop()
     await engine.stop()

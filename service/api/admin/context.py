@@ -11,9 +11,11 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.memories import Memories
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
 from adapters_store.replicas import ReplicaDirectory
@@ -21,6 +23,7 @@ from adapters_store.rollouts import Rollouts
 from service.api.admin import protocol as a
 from service.api.errors import APIError
 from service.replica.patch_admin import PatchAdmin
+from service.replica.registry_sync import RegistrySync
 
 T = TypeVar("T")
 
@@ -36,6 +39,10 @@ class AdminContext:
     max_upload_bytes: int
     max_rank: int
     replicas: ReplicaDirectory
+    memories: Memories
+    sync: RegistrySync  # applies a memory move here before the route answers
+    base: str  # the base this gateway hosts (a new memory's default)
+    blobs: BlobStore
 
     async def move(self, alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
         """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""

@@ -227,3 +227,98 @@ class Cluster(BaseModel):
     bases: dict[str, list[str]]  # base → ids of the live replicas that take requests for it
     unserved_bases: list[str]  # bases aliases point to that no live replica serves
     aliases_unserved: list[str]  # aliases on those bases: every request for them is refused
+
+
+# -- side memories ----------------------------------------------------------------------------------------
+class LocalityPrompt(_Request):
+    prompt: str = Field(min_length=1, max_length=2000)
+    reference: str | None = Field(None, max_length=200)  # informative: Loc compares with the answer before the edits
+
+
+class EditRequest(_Request):
+    prompt: str = Field(min_length=1, max_length=2000)
+    target: str = Field(min_length=1, max_length=200)  # the answer the prompt must get (a short fact)
+    paraphrases: list[str] = Field(default_factory=list, max_length=16)  # measured (Gen), never trained on
+    locality: list[LocalityPrompt | str] = Field(default_factory=list, max_length=16)  # measured (Loc)
+
+
+class EditsRequest(_Request):
+    edits: list[EditRequest] = Field(min_length=1, max_length=100)
+    reason: str = Field("", max_length=1000)
+
+
+class MemoryCreateRequest(_Request):
+    name: str
+    base: str | None = None  # default: the base this gateway hosts
+    target: str | None = None  # a base (every alias on it) or an alias; default: the base
+    reason: str = Field("", max_length=1000)
+
+
+class MemoryAttachRequest(_Request):
+    target: str
+    reason: str = Field("", max_length=1000)
+
+
+class MemoryActivateRequest(_Request):
+    version: int = Field(ge=0)  # 0: no memory served
+    reason: str = Field("", max_length=1000)
+    force: bool = False  # a version whose report failed its gate (needs a reason)
+
+
+class MemoryRevokeRequest(_Request):
+    edit: str = Field(pattern=r"^e[0-9]+$")
+    reason: str = Field("", max_length=1000)
+
+
+class MemoryGateRequest(_Request):
+    min_rel: float | None = Field(None, ge=0, le=1)
+    min_gen: float | None = Field(None, ge=0, le=1)
+    min_loc: float | None = Field(None, ge=0, le=1)
+    max_perplexity_ratio: float | None = Field(None, gt=0)
+
+
+class Memory(BaseModel):
+    name: str
+    base: str
+    target: str
+    version: int  # served now (0: none)
+    ref: str | None
+    edits: int
+    updated_at: float
+    updated_by: str
+
+
+class MemoryVersionView(BaseModel):
+    name: str
+    version: int
+    ref: str
+    base: str
+    parent: int
+    added: list[str]
+    revoked: list[str]
+    edits: int
+    report: dict | None  # Rel/Gen/Loc of the batch and of every edit, the probe perplexity ratio, the gate
+    created_at: float
+    created_by: str
+
+    @classmethod
+    def of(cls, v) -> MemoryVersionView:
+        report = {k: v.meta.get(k) for k in ("perplexity_ratio", "gate", "threshold", "layer", "training")}
+        report |= {k: val for k, val in (v.meta.get("report") or {}).items() if k != "items"}
+        return cls(name=v.name, version=v.version, ref=v.ref, base=v.base, parent=v.parent, added=list(v.added),
+                   revoked=list(v.revoked), edits=len(v.edits), report=report, created_at=v.created_at,
+                   created_by=v.created_by)
+
+
+class MemoryMoveView(BaseModel):
+    at: float
+    action: str
+    actor: str
+    reason: str
+    from_version: int
+    to_version: int
+
+
+class MemoryDetail(Memory):
+    versions: list[MemoryVersionView]
+    history: list[MemoryMoveView]

@@ -16,7 +16,7 @@ from service import metrics
 from service.api.errors import APIError
 from service.api.openai import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
-from service.replica.adapter_pool import AdapterPool
+from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
 
 
@@ -72,10 +72,12 @@ class Submission:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, resolver: Resolver, pool: AdapterPool, max_in_flight: int, guard=None):
+    def __init__(self, engine: Engine, resolver: Resolver, pool: AdapterPool, max_in_flight: int, guard=None,
+                 memories: MemoryPool | None = None):
         self.engine = engine
         self.resolver = resolver
         self.pool = pool
+        self.memories = memories
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.guard = guard  # a LiveGuard (service/replica/live_guard.py): told of every request that finished
@@ -132,7 +134,8 @@ class OpenAIServing:
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                   stop=req.stop_list(), n=req.n, logprobs=logprobs, ignore_eos=req.ignore_eos)
         adapter = self.pool.ref(resolved.patch) if resolved.patch else None
-        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter)
+        memory = self.memories.ref(resolved.memory) if resolved.memory and self.memories else None
+        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter, memory)
         return Submission(resolved, request, _Meter(resolved))
 
     # -- running it -----------------------------------------------------------------------------------
@@ -146,22 +149,30 @@ class OpenAIServing:
             raise APIError(503, "The server is overloaded; retry shortly.", type_="server_overloaded",
                            code="overloaded", headers={"Retry-After": "1"})
         self.in_flight += 1
-        patch = sub.resolved.patch
-        if patch is None:
-            return
-        self.pool.acquire(patch.ref)
+        patch, memory = sub.resolved.patch, sub.request.memory
+        if patch is not None:
+            self.pool.acquire(patch.ref)
+        if memory is not None:
+            self.memories.acquire(memory.key)
+            metrics.memory_requests.labels(sub.resolved.memory.name, str(sub.resolved.memory.version)).inc()
         try:
-            await self.pool.ensure(patch)  # resident already unless pinned to an old version
+            if patch is not None:
+                await self.pool.ensure(patch)  # resident already unless pinned to an old version
+            if memory is not None:
+                await self.memories.ensure(sub.resolved.memory)  # resident: only active versions are resolved
         except Exception as exc:
             self.release(sub)
-            raise APIError(503, f"The version {patch.ref} could not be loaded: {exc}",
+            what = patch.ref if patch is not None else memory.key
+            raise APIError(503, f"The version {what} could not be loaded: {exc}",
                            type_="server_error", code="adapter_unavailable", headers={"Retry-After": "1"}) from exc
 
     def release(self, sub: Submission) -> None:
-        """The request is over: its slot and its lease on the patch version are given back."""
+        """The request is over: its slot and its leases on the patch and memory versions are given back."""
         self.in_flight -= 1
         if sub.resolved.patch is not None:
             self.pool.release(sub.resolved.patch.ref)
+        if sub.request.memory is not None:
+            self.memories.release(sub.request.memory.key)
 
     def waiting(self) -> int:
         """Requests admitted but not yet running in the engine."""

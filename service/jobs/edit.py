@@ -1,0 +1,181 @@
+"""`edit` and `revoke`: the next version of a side memory, trained, measured, gated and activated.
+
+`edit` trains on top of the version the memory serves now: its ΔW, its edits replayed, the new batch
+added (service/memory/wise.py). `revoke` takes one edit back: no anchor can, so the new version is
+trained from the newest ancestor that never held the edit, on every other edit the memory holds
+now. Both then answer every edit greedily with and without the memory (Rel/Gen/Loc), measure the
+probe perplexity against the base alone, register the version with its report (immutable), and
+move the memory's pointer if the gate passes — a compare-and-set on the version trained on top of,
+so a move made meanwhile is never overwritten. A retried job reuses the version it registered.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from adapters_store.blobs import materialize, put_files
+from adapters_store.errors import StoreError
+from adapters_store.jobs import Job
+from adapters_store.memories import EditRecord, MemoryVersion
+from service.evaluation.memory_report import MemoryGate, edit_rows, probe_texts, prompts_of, summarize
+from service.jobs.context import JobContext
+from service.jobs.worker import JobRefused, Progress
+from service.memory import memory_file
+from service.memory.hf_hook import decoder_layers, default_layer
+from service.memory.memory_file import MemoryWeights
+from service.memory.wise import Edit, WiseConfig, train_memory
+
+
+def edit(ctx: JobContext, job: Job, progress: Progress) -> dict:
+    """params: memory, edits [{prompt, target, paraphrases?, locality?}], reason."""
+    name = job.params["memory"]
+    record, parent = _memory(ctx, name)
+    if (done := ctx.memories.find_by_job(name, job.id)) is not None:
+        return _finish(ctx, job, done, parent, progress)
+    held = list(parent.edits) if parent else []
+    added = _new_edits(ctx, name, job)
+    return _train_and_register(ctx, job, record.base, name, parent, new=added, replay=held, keep=held + added,
+                               parent=parent, added=[e.id for e in added], revoked=[], progress=progress)
+
+
+def revoke(ctx: JobContext, job: Job, progress: Progress) -> dict:
+    """params: memory, edit (an edit id the served version holds), reason."""
+    name, edit_id = job.params["memory"], job.params["edit"]
+    record, parent = _memory(ctx, name)
+    if (done := ctx.memories.find_by_job(name, job.id)) is not None:
+        return _finish(ctx, job, done, parent, progress)
+    if parent is None or edit_id not in {e.id for e in parent.edits}:
+        raise JobRefused(f"memory {name} serves no edit {edit_id!r}")
+    ancestor = parent
+    while ancestor is not None and edit_id in {e.id for e in ancestor.edits}:
+        ancestor = ctx.memories.get_version(name, ancestor.parent) if ancestor.parent else None
+    base_edits = {e.id for e in ancestor.edits} if ancestor else set()
+    keep = [e for e in parent.edits if e.id != edit_id]
+    new = [e for e in keep if e.id not in base_edits]
+    replay = [e for e in keep if e.id in base_edits]
+    return _train_and_register(ctx, job, record.base, name, ancestor, new=new, replay=replay, keep=keep,
+                               parent=parent, added=[], revoked=[edit_id], progress=progress)
+
+
+def _memory(ctx: JobContext, name: str):
+    record = ctx.memories.get(name)
+    if record is None:
+        raise JobRefused(f"no memory {name!r}")
+    pointer = ctx.memories.pointer(name)
+    parent = ctx.memories.get_version(name, pointer.version) if pointer and pointer.version else None
+    return record, parent
+
+
+def _new_edits(ctx: JobContext, name: str, job: Job) -> list[EditRecord]:
+    # Ids reserved once per job, so a retry names the same edits the same way.
+    first = ctx.memories.reserve_edit_ids(name, len(job.params["edits"]), job.id)
+    return [EditRecord(id=f"e{first + i}", prompt=e["prompt"], target=e["target"],
+                       paraphrases=tuple(e.get("paraphrases") or ()), locality=tuple(
+                           {"prompt": loc} if isinstance(loc, str) else dict(loc) for loc in e.get("locality") or ()))
+            for i, e in enumerate(job.params["edits"])]
+
+
+def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_from: MemoryVersion | None, *,
+                        new: list[EditRecord], replay: list[EditRecord], keep: list[EditRecord],
+                        parent: MemoryVersion | None, added: list[str], revoked: list[str],
+                        progress: Progress) -> dict:
+    base_path = ctx.base_path(base)
+    irrelevant = _irrelevant(ctx, name)
+    start = _weights(ctx, train_from) if train_from else None
+    with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
+        with ctx.evaluator.base(base_path) as (model, tok):
+            layer = start.layer if start else _layer(ctx, model)
+            if not keep:
+                weights = None  # every edit revoked: the version is the empty memory
+            else:
+                progress(2, f"training on {len(new)} new and {len(replay)} earlier edits")
+                trained = train_memory(model, tok, layer, start.delta if start else None,
+                                       [Edit(e.prompt, e.target) for e in new],
+                                       [Edit(e.prompt, e.target) for e in replay], irrelevant,
+                                       # a shard's own mask and sampling per version (WISE's knowledge shards)
+                                       WiseConfig(seed=(parent.version if parent else 0) + 1),
+                                       progress=lambda f, stage: progress(2 + 58 * f, stage))
+                weights = MemoryWeights(trained.delta, trained.threshold, layer)
+        progress(60, f"answering {len(keep)} edits with and without the memory")
+        report, perplexity_ratio = _report(ctx, base_path, keep, new, weights, progress)
+        if weights is None:  # an empty memory still needs a file: a ΔW of zeros that nothing reaches
+            with ctx.evaluator.base(base_path) as (model, _):
+                down = decoder_layers(model)[layer].mlp.down_proj
+                weights = MemoryWeights(torch.zeros(down.out_features, down.in_features), float("inf"), layer)
+        path = memory_file.write(Path(tmp), weights)
+        files = put_files(ctx.blobs, {path.name: path})
+    gate = MemoryGate.of(ctx.memories.gate(name))
+    reasons = gate.check(report["all"], perplexity_ratio)
+    verdict = {"passed": not reasons, "reasons": reasons, "thresholds": gate.as_dict()}
+    meta = {"job": job.id, "layer": layer, "threshold": weights.threshold, "report": report,
+            "perplexity_ratio": perplexity_ratio, "gate": verdict,
+            "training": trained.stats | {"steps": trained.steps} if keep else {}}
+    progress(95, "registering the version")
+    version = ctx.memories.create_version(name, files, parent.version if parent else 0, keep, added, revoked, meta,
+                                          actor=job.actor, reason=job.params.get("reason", ""))
+    return _finish(ctx, job, version, parent, progress)
+
+
+def _finish(ctx: JobContext, job: Job, version: MemoryVersion, parent: MemoryVersion | None,
+            progress: Progress) -> dict:
+    """Move the pointer if the version passed its gate (and the memory still serves its parent)."""
+    verdict = version.meta["gate"]
+    result = {"memory": version.name, "version": version.version, "report": version.meta["report"],
+              "perplexity_ratio": version.meta["perplexity_ratio"], "gate": verdict, "activated": False}
+    pointer = ctx.memories.pointer(version.name)
+    if pointer is not None and pointer.version == version.version:
+        return result | {"activated": True}
+    if not verdict["passed"]:
+        ctx.registry.record("memory_gate_refused", version.name, actor=job.actor, reason="; ".join(verdict["reasons"]),
+                            from_ref=f"{version.name}@{parent.version if parent else 0}", to_ref=version.ref)
+        return result
+    progress(98, "activating")
+    try:
+        ctx.memories.activate(version.name, version.version, actor=job.actor,
+                              reason=job.params.get("reason") or "gate passed",
+                              if_current=parent.version if parent else 0)
+    except StoreError as exc:
+        raise JobRefused(exc.message) from None
+    return result | {"activated": True}
+
+
+def _report(ctx: JobContext, base_path: str, keep: list[EditRecord], new: list[EditRecord],
+            weights: MemoryWeights | None, progress: Progress) -> tuple[dict, float | None]:
+    asked, kept = prompts_of(keep)
+    probe = probe_texts(ctx.evals.probe(), keep)
+    before, base_ppl = ctx.evaluator.run_memory(base_path, None, kept, probe)
+    progress(75, "answering with the memory")
+    answers, ppl = ctx.evaluator.run_memory(base_path, weights, asked + kept, probe)
+    rows = edit_rows(keep, dict(zip(asked + kept, answers)), dict(zip(kept, before)))
+    new_ids = {e.id for e in new}
+    report = {"batch": summarize([r for r in rows if r["id"] in new_ids]), "all": summarize(rows), "items": rows,
+              "probe_texts": len(probe)}
+    ratio = round(ppl / base_ppl, 4) if ppl is not None and base_ppl else None
+    return report, ratio
+
+
+def _irrelevant(ctx: JobContext, name: str) -> list[str]:
+    """Texts the memory must stay quiet on: the memory's own set, else the probe set."""
+    record = ctx.memories.irrelevant(name)
+    if record is not None:
+        with ctx.blobs.open(record["digest"]) as f:
+            return [json.loads(line)["text"] for line in f.read().decode().splitlines() if line.strip()]
+    texts = ctx.evals.probe()
+    if not texts:
+        raise JobRefused(f"memory {name} has no irrelevant texts and the registry no probe set: "
+                         f"PUT /admin/memories/{name}/irrelevant first")
+    return texts
+
+
+def _weights(ctx: JobContext, version: MemoryVersion) -> MemoryWeights:
+    directory = materialize(ctx.blobs, version.files, ctx.work_dir / "memories" / version.ref)
+    return memory_file.read(directory)
+
+
+def _layer(ctx: JobContext, model) -> int:
+    configured = ctx.memory_layer
+    return default_layer(len(decoder_layers(model))) if configured is None else configured

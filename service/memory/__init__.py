@@ -1,0 +1,1 @@
+"""Side memories (knowledge edits, WISE): the slots inside the forward pass, their files, their training."""
