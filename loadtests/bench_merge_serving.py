@@ -80,6 +80,18 @@ def settle(kit: Path, admin: httpx.Client, wanted: set[str], timeout: float = 60
         time.sleep(0.2)
 
 
+def merge_job(gw: Gateway, body: dict) -> tuple[dict, float]:
+    """Run a merge job of the three aliases' versions through the API: its result and its time (queued to done)."""
+    with gw.admin() as admin:
+        r = admin.post("/admin/merges", json={"sources": [f"{a}@1" for a in ALIASES], "reason": "bench", **body})
+    if r.status_code != 202:
+        raise RuntimeError(f"merge refused: {r.status_code} {r.text[:300]}")
+    job = gw.wait_job(r.headers["location"], timeout=900)
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"merge job failed: {job['error']}")
+    return job["result"], job["updated_at"] - job["created_at"]
+
+
 def move(admin: httpx.Client, alias: str, patch: str, version: int) -> None:
     now = admin.get(f"/admin/aliases/{alias}").json()
     if (now["patch"], now["version"]) == (patch, version):
@@ -175,16 +187,11 @@ def main() -> None:
     try:
         log(f"starting the gateway ({args.engine} engine)")
         gw.start()
-        with gw.admin() as admin:
-            r = admin.post("/admin/merges", json={"sources": [f"{a}@1" for a in ALIASES], "method": args.method,
-                                                  "rank": args.rank, "name": MERGED, "reason": "bench"})
-            if r.status_code != 202:
-                raise RuntimeError(f"merge refused: {r.status_code} {r.text[:300]}")
-            job = gw.wait_job(r.headers["location"], timeout=900)
-            if job["state"] != "succeeded":
-                raise RuntimeError(f"merge job failed: {job['error']}")
-            merge = job["result"]
-            log(f"merged {merge['ref']} (rank {merge['rank']}, min retention {merge['min_retention']})")
+        merge, merge_s = merge_job(gw, {"method": args.method, "rank": args.rank, "name": MERGED})
+        log(f"merged {merge['ref']} in {merge_s:.1f} s (min retention {merge['min_retention']:.2f})")
+        tall, tall_s = merge_job(gw, {"method": "ties", "rank": args.rank, "name": "tall-merge", "tall": True})
+        log(f"TIES merge with TALL storage in {tall_s:.1f} s: one adapter keeps at least {tall['min_retention']:.2f}, "
+            f"the rebuilt sources {tall['tall']['min_retention']:.2f}")
         for k in range(args.rounds):
             with gw.admin() as admin:
                 for alias in ALIASES:
@@ -206,7 +213,10 @@ def main() -> None:
                 time.sleep(0.2)
     finally:
         gw.stop()
-    results = {"merge": {k: merge[k] for k in ("ref", "method", "rank", "energy_kept", "min_retention")},
+    results = {"merge": {**{k: merge[k] for k in ("ref", "method", "rank", "energy_kept", "min_retention")},
+                         "job_s": round(merge_s, 1)},
+               "tall_merge": {"job_s": round(tall_s, 1), "min_retention": tall["min_retention"],
+                              "tall": tall["tall"], "retention": tall["retention"]},
                "rounds": rows, "summary": {s: summary(rows, s) for s in ("separate", "merged")},
                "retired": retired,
                "settings": {"engine": args.engine, "requests": args.requests, "concurrency": args.concurrency,
@@ -222,6 +232,9 @@ def main() -> None:
               f"{s['itl_p50_ms']:.1f} ms p99 {s['itl_p99_ms']:.1f} ms  TTFT p50 {s['ttft_p50_ms']:.0f} ms  "
               f"failures {s['failures']}  resident {len(s['resident'])} ({s['resident_bytes'] / 1024:.0f} KiB)  "
               f"used {len(s['serving'])} ({s['serving_bytes'] / 1024:.0f} KiB)")
+    print(f"merge jobs of the three kit patches: {args.method} {merge_s:.1f} s; TIES with TALL storage {tall_s:.1f} s "
+          f"(rebuilt sources keep at least {tall['tall']['min_retention']:.0%}, "
+          f"one adapter {tall['min_retention']:.0%})")
     print(f"sources deleted: resident {retired['resident']} ({retired['resident_bytes'] / 1024:.0f} KiB)")
     print(f"merged / separate: throughput {results['throughput_ratio']:.2f}, resident adapter bytes once the "
           f"sources are retired {results['resident_bytes_ratio']:.2f}")

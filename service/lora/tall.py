@@ -24,7 +24,7 @@ from safetensors.torch import load, save
 @dataclass
 class TallMasks:
     masks: list[dict[str, torch.Tensor]]  # per source: layer → bool mask
-    density: list[float]  # per source: share of the merged entries its mask keeps
+    density: list[float]  # per source: share of the merged ΔW's non-zero entries its mask keeps
 
 
 def tall_masks(taus: Sequence[Mapping[str, torch.Tensor]], merged: Mapping[str, torch.Tensor],
@@ -35,9 +35,10 @@ def tall_masks(taus: Sequence[Mapping[str, torch.Tensor]], merged: Mapping[str, 
         mask, kept, total = {}, 0, 0
         for layer, mtl in merged.items():
             own = tau.get(layer, torch.zeros_like(mtl))
-            # An entry no source changes is zero on both sides and passes; it does not matter, τ_MTL is 0 there.
             mask[layer] = own.abs() >= lam * (mtl - own).abs()
-            kept, total = kept + int(mask[layer].sum()), total + mask[layer].numel()
+            # Density counts the entries the merge changes: where τ_MTL is 0 a mask keeps nothing whatever its bit.
+            changed = mtl != 0
+            kept, total = kept + int((mask[layer] & changed).sum()), total + int(changed.sum())
         masks.append(mask)
         density.append(kept / total if total else 0.0)
     return TallMasks(masks, density)
