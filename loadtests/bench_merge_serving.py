@@ -55,10 +55,9 @@ MERGED = "served-merge"
 def weight_bytes(kit: Path, admin: httpx.Client, ref: str) -> int:
     """Bytes of a version's adapter weights: the kit's file for a kit patch, the validation summary otherwise."""
     name, _, version = ref.rpartition("@")
-    meta = admin.get(f"/admin/patches/{name}/versions/{version}").json()["meta"]
-    if "weights_bytes" in meta:
-        return int(meta["weights_bytes"])
-    return (kit / "patches" / name / "adapter_model.safetensors").stat().st_size
+    if name in ALIASES and version == "1":  # the kit's own patch (its record has no summary; it may be deleted)
+        return (kit / "patches" / name / "adapter_model.safetensors").stat().st_size
+    return int(admin.get(f"/admin/patches/{name}/versions/{version}").json()["meta"]["weights_bytes"])
 
 
 def holding(kit: Path, admin: httpx.Client) -> dict:
@@ -209,7 +208,7 @@ def main() -> None:
                 if r.status_code != 200:
                     raise RuntimeError(f"delete {alias}@1: {r.status_code} {r.text[:300]}")
             deadline = time.monotonic() + 30
-            while len(retired := holding(kit, admin))["resident"] > 1 and time.monotonic() < deadline:
+            while len((retired := holding(kit, admin))["resident"]) > 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
     finally:
         gw.stop()

@@ -2,8 +2,9 @@
 
 The job runs on a gateway of its own (transformers engine; its aliases are moved here): the kit's three
 patches merged by TIES into one version, registered with every source as a parent and a retention
-report per source alias; refusals are 4xx and register nothing; one alias served by the merge and
-rolled back to its own patch while another stays on the merge.
+report per source alias; refusals are 4xx and register nothing; a merge kept as TALL storage, each
+source rebuilt from its blobs as that source's next version; one alias served by the merge and rolled
+back to its own patch while another stays on the merge.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def test_tall_storage_rebuilds_each_source_as_its_next_version_from_shared_blobs
     assert sizes["masks"] < 2 * sizes["merged_delta"] / 32 + 4096  # a bit per float32 entry, per source
     rows = {row["alias"]: row for row in tall["retention"]}
     assert set(rows) == {"sentiment", "qa"}
+    assert [row["candidate"] for row in tall["retention"]] == tall["versions"]
     for row in rows.values():
         assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
     assert tall["min_retention"] == min(row["retention"] for row in rows.values())

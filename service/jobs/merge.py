@@ -37,7 +37,7 @@ from service.lora.tall import mask_bytes, merged_bytes, read_mask, read_merged, 
 
 
 def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
-    """params: sources ['name@N', …], method, params {…}, rank, name, reason."""
+    """params: sources ['name@N', …], method, params {…}, rank, name, tall, reason."""
     p = job.params
     sources = [ctx.version(*_ref(ref)) for ref in p["sources"]]
     if len({s.base for s in sources}) != 1:
@@ -50,9 +50,9 @@ def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
     progress(60, "measuring retention")
     rows, tall_rows = [], []
     for i, source in enumerate(sources):
-        rows.append(_retention(ctx, source, record, base_path))
-        if rebuilt:
-            tall_rows.append(_retention(ctx, source, rebuilt[i], base_path))
+        found = _retention(ctx, source, [record, *rebuilt[i:i + 1]], base_path)
+        rows.append(found[0])
+        tall_rows += found[1:]
         progress(60 + 40 * (i + 1) / len(sources), f"retention of {source.ref}")
     result = {"version": record.version, "ref": record.ref, "method": p["method"], "rank": record.meta["rank"],
               "energy_kept": record.meta["energy_kept"], "retention": rows, "min_retention": _least(rows)}
@@ -123,6 +123,9 @@ def _store_tall(ctx: JobContext, sources: list[PatchVersion], deltas: list[dict]
                 work: Path) -> dict:
     """Store the merged ΔW and each source's TALL mask as blobs; their digests and what they cost in bytes."""
     found = tall_masks(deltas, merged, lam)
+    empty = [s.ref for s, d in zip(sources, found.density) if d == 0]
+    if empty:  # refused before anything is registered: there would be nothing to rebuild these from
+        raise JobRefused(f"at lam {lam} the TALL mask of {', '.join(empty)} keeps nothing of the merge; lower lam")
     dense = merged_bytes(merged)
     masks = [mask_bytes(m) for m in found.masks]
     patch_bytes = sum((work / f"source-{i}" / name).stat().st_size
@@ -188,19 +191,24 @@ def _blob(ctx: JobContext, digest: str) -> bytes:
         return f.read()
 
 
-def _retention(ctx: JobContext, source: PatchVersion, merged: PatchVersion, base_path: str) -> dict:
-    """The source and the merge on the evaluation set of the alias named like the source's patch."""
+def _retention(ctx: JobContext, source: PatchVersion, candidates: list[PatchVersion], base_path: str) -> list[dict]:
+    """The source and each candidate (the merge; its rebuilt self) on the evaluation set of the alias named
+    like the source's patch; the source is run once for all of them."""
     found = ctx.evals.evalset(source.name)
     if found is None:
-        return {"source": source.ref, "alias": None, "retention": None,
-                "note": f"no alias {source.name!r} with an evaluation set: retention not measured"}
+        return [{"source": source.ref, "alias": None, "retention": None,
+                 "note": f"no alias {source.name!r} with an evaluation set: retention not measured"}
+                for _ in candidates]
     rows, metric = found
     prompts = [r["prompt"] for r in rows]
     probe = ctx.evals.probe()
     old, old_ppl = ctx.evaluator.run(base_path, source, prompts, probe)
-    new, new_ppl = ctx.evaluator.run(base_path, merged, prompts, probe)
-    report = compare(merged.ref, source.ref, merged.base, metric, rows, old, new, old_ppl, new_ppl).summary()
-    return {"source": source.ref, "alias": source.name, "metric": metric, "n": report["n"],
-            "score_source": report["score_old"], "score_merged": report["score_new"],
-            "retention": report["score_new"] / report["score_old"] if report["score_old"] else None,
-            "nfr": report["nfr"], "pfr": report["pfr"], "perplexity_ratio": report["perplexity_ratio"]}
+    out = []
+    for candidate in candidates:
+        new, new_ppl = ctx.evaluator.run(base_path, candidate, prompts, probe)
+        report = compare(candidate.ref, source.ref, candidate.base, metric, rows, old, new, old_ppl, new_ppl).summary()
+        out.append({"source": source.ref, "alias": source.name, "candidate": candidate.ref, "metric": metric,
+                    "n": report["n"], "score_source": report["score_old"], "score_merged": report["score_new"],
+                    "retention": report["score_new"] / report["score_old"] if report["score_old"] else None,
+                    "nfr": report["nfr"], "pfr": report["pfr"], "perplexity_ratio": report["perplexity_ratio"]})
+    return out
