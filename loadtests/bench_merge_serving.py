@@ -212,10 +212,11 @@ def main() -> None:
                 time.sleep(0.2)
     finally:
         gw.stop()
-    results = {"merge": {**{k: merge[k] for k in ("ref", "method", "rank", "energy_kept", "min_retention")},
-                         "job_s": round(merge_s, 1)},
-               "tall_merge": {"job_s": round(tall_s, 1), "min_retention": tall["min_retention"],
-                              "tall": tall["tall"], "retention": tall["retention"]},
+    results = {"merge": {**{k: merge[k] for k in ("ref", "method", "rank", "energy_kept", "min_retention",
+                                                   "seconds")}, "job_s": round(merge_s, 1)},
+               "tall_merge": {"job_s": round(tall_s, 1), "seconds": tall["seconds"],
+                              "min_retention": tall["min_retention"], "tall": tall["tall"],
+                              "retention": tall["retention"]},
                "rounds": rows, "summary": {s: summary(rows, s) for s in ("separate", "merged")},
                "retired": retired,
                "settings": {"engine": args.engine, "requests": args.requests, "concurrency": args.concurrency,
@@ -231,7 +232,8 @@ def main() -> None:
               f"{s['itl_p50_ms']:.1f} ms p99 {s['itl_p99_ms']:.1f} ms  TTFT p50 {s['ttft_p50_ms']:.0f} ms  "
               f"failures {s['failures']}  resident {len(s['resident'])} ({s['resident_bytes'] / 1024:.0f} KiB)  "
               f"used {len(s['serving'])} ({s['serving_bytes'] / 1024:.0f} KiB)")
-    print(f"merge jobs of the three kit patches: {args.method} {merge_s:.1f} s; TIES with TALL storage {tall_s:.1f} s "
+    print(f"merge jobs of the three kit patches: {args.method} {merge_s:.1f} s (merging {merge['seconds']['merge']} s, "
+          f"retention {merge['seconds']['retention']} s); TIES with TALL storage {tall_s:.1f} s "
           f"(rebuilt sources keep at least {tall['tall']['min_retention']:.0%}, "
           f"one adapter {tall['min_retention']:.0%})")
     print(f"sources deleted: resident {retired['resident']} ({retired['resident_bytes'] / 1024:.0f} KiB)")

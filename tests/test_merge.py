@@ -140,6 +140,7 @@ def test_a_merge_job_registers_one_version_with_a_retention_report_per_source(gw
         assert row["score_source"] > 0 and 0 <= row["score_merged"] <= 1 and row["n"] > 0
         assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
     assert result["min_retention"] == min(row["retention"] for row in rows.values())
+    assert result["seconds"]["merge"] > 0 and result["seconds"]["retention"] > 0
 
 
 @pytest.mark.parametrize("body, status, word", [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,10 +44,12 @@ def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
     if len({s.base for s in sources}) != 1:
         raise JobRefused(f"the sources are built on different bases: {sorted({s.base for s in sources})}")
     base_path = ctx.base_path(sources[0].base)
+    started = time.monotonic()
     record = _made_by(ctx, p["name"], job)
     if record is None:
         record = _merge_and_register(ctx, job, sources, base_path, progress)
     rebuilt = _tall_versions(ctx, job, sources, record, base_path, progress) if p.get("tall") else []
+    merged_at = time.monotonic()
     progress(60, "measuring retention")
     rows, tall_rows = [], []
     for i, source in enumerate(sources):
@@ -55,7 +58,9 @@ def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
         tall_rows += found[1:]
         progress(60 + 40 * (i + 1) / len(sources), f"retention of {source.ref}")
     result = {"version": record.version, "ref": record.ref, "method": p["method"], "rank": record.meta["rank"],
-              "energy_kept": record.meta["energy_kept"], "retention": rows, "min_retention": _least(rows)}
+              "energy_kept": record.meta["energy_kept"], "retention": rows, "min_retention": _least(rows),
+              # this attempt's time: merging (and rebuilding) vs evaluating, which dominates on a CPU
+              "seconds": {"merge": round(merged_at - started, 1), "retention": round(time.monotonic() - merged_at, 1)}}
     if rebuilt:
         result["tall"] = {"versions": [v.ref for v in rebuilt], "retention": tall_rows,
                           "min_retention": _least(tall_rows), "lam": rebuilt[0].meta["tall"]["lam"],
