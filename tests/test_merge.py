@@ -2,8 +2,9 @@
 
 The job runs on a gateway of its own (transformers engine; its aliases are moved here): the kit's three
 patches merged by TIES into one version, registered with every source as a parent and a retention
-report per source alias; refusals are 4xx and register nothing; one alias served by the merge and
-rolled back to its own patch while another stays on the merge.
+report per source alias; refusals are 4xx and register nothing; a merge kept as TALL storage, each
+source rebuilt from its blobs as that source's next version; one alias served by the merge and rolled
+back to its own patch while another stays on the merge.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import httpx
 import pytest
 import torch
 
+from adapters_store.blobs import LocalBlobStore, materialize
+from service.lora.factors import adapter_deltas, low_rank
 from service.lora.merge import merge_deltas
 from service.lora.params import MergeParams
+from service.lora.tall import mask_bytes, merged_bytes, read_mask, read_merged, reconstruct, tall_masks
 from tests.gateway_server import GatewayProcess
 
 
@@ -73,6 +77,37 @@ def test_bad_parameters_are_refused_by_name(params, word):
         merge_deltas([{"l": torch.ones(1, 1)}, {"l": torch.ones(1, 1)}], "linear", params)
 
 
+# -- TALL storage -------------------------------------------------------------------------------------
+def test_tall_masks_give_each_source_back_where_the_sources_do_not_overlap():
+    a = {"l": torch.tensor([[3.0, 0.0], [0.0, 0.0]]), "only_a": torch.ones(2, 2)}
+    b = {"l": torch.tensor([[0.0, -2.0], [0.0, 5.0]])}
+    merged = merge_deltas([a, b], "linear").deltas
+    found = tall_masks([a, b], merged, lam=0.5)
+    assert torch.equal(reconstruct(merged, found.masks[0])["l"], a["l"])
+    assert torch.equal(reconstruct(merged, found.masks[1])["l"], b["l"])
+    assert "only_a" not in reconstruct(merged, found.masks[1])  # a layer only the other source changes is left out
+
+
+def test_a_tall_mask_drops_entries_another_source_dominates_and_lambda_sets_how_much():
+    a = {"l": torch.tensor([[1.0, 1.0]])}
+    b = {"l": torch.tensor([[0.1, 4.0]])}
+    merged = merge_deltas([a, b], "linear").deltas
+    assert tall_masks([a, b], merged, lam=0.5).masks[0]["l"].tolist() == [[True, False]]  # 1 ≥ 0.5·4 fails
+    assert tall_masks([a, b], merged, lam=0.2).masks[0]["l"].tolist() == [[True, True]]  # 1 ≥ 0.2·4 holds
+
+
+def test_the_stored_form_reads_back_exactly_at_one_bit_per_entry():
+    torch.manual_seed(0)
+    merged = {"x.q_proj": torch.randn(128, 128), "x.up_proj": torch.randn(512, 128)}
+    mask = {layer: torch.rand(t.shape) > 0.7 for layer, t in merged.items()}
+    back = read_merged(merged_bytes(merged))
+    assert all(torch.equal(back[k], merged[k]) for k in merged)
+    packed = mask_bytes(mask)
+    assert all(torch.equal(read_mask(packed, back)[k], mask[k]) for k in mask)
+    entries = sum(t.numel() for t in merged.values())
+    assert entries / 8 <= len(packed) < entries / 8 + 1024  # the bits, plus a small safetensors header
+
+
 # -- the job, through the API ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gw(kit_dir, tmp_path_factory):
@@ -105,6 +140,7 @@ def test_a_merge_job_registers_one_version_with_a_retention_report_per_source(gw
         assert row["score_source"] > 0 and 0 <= row["score_merged"] <= 1 and row["n"] > 0
         assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
     assert result["min_retention"] == min(row["retention"] for row in rows.values())
+    assert result["seconds"]["merge"] > 0 and result["seconds"]["retention"] > 0
 
 
 @pytest.mark.parametrize("body, status, word", [
@@ -131,22 +167,71 @@ def test_refused_merges_register_nothing(gw, body, status, word):
         assert _versions(admin) == before
 
 
-def test_several_aliases_served_by_one_merge_and_one_rolled_back_alone(gw):
-    name = f"shared-{uuid.uuid4().hex[:6]}"
+@pytest.fixture(scope="module")
+def tall_merge(gw):
+    """One linear merge of sentiment@1 and qa@1, kept as TALL storage too: the finished job."""
     with gw.admin() as admin:
         r = admin.post("/admin/merges", json={"sources": ["sentiment@1", "qa@1"], "method": "linear", "rank": 16,
-                                              "name": name})
-        assert gw.wait_job(r.headers["location"], timeout=600)["state"] == "succeeded"
+                                              "name": f"shared-{uuid.uuid4().hex[:6]}", "tall": True})
+        assert r.status_code == 202, r.text
+    job = gw.wait_job(r.headers["location"], timeout=600)
+    assert job["state"] == "succeeded", job["error"]
+    return job
+
+
+def test_tall_storage_rebuilds_each_source_as_its_next_version_from_shared_blobs(gw, tall_merge, tmp_path):
+    result = tall_merge["result"]
+    tall = result["tall"]
+    with gw.admin() as admin:
+        rebuilt = [admin.get(f"/admin/patches/{ref.replace('@', '/versions/')}").json() for ref in tall["versions"]]
+        merged = admin.get(f"/admin/patches/{result['ref'].replace('@', '/versions/')}").json()
+    assert [f"{v['name']}@{v['version']}" for v in rebuilt] == tall["versions"]
+    assert [v["name"] for v in rebuilt] == ["sentiment", "qa"] and all(v["version"] > 1 for v in rebuilt)
+    for version, source in zip(rebuilt, ["sentiment@1", "qa@1"]):
+        assert version["origin"] == "merge" and sorted(version["parents"]) == ["qa@1", "sentiment@1"]
+        meta = version["meta"]["tall"]
+        assert meta["source"] == source and meta["merge"] == result["ref"]
+        # One merged ΔW shared by every rebuilt source, one mask each, all in the merge's own record.
+        assert meta["merged_delta"] == merged["meta"]["tall"]["merged_delta"]
+        assert meta["mask"] == merged["meta"]["tall"]["masks"][source]
+        assert 0 < meta["mask_density"] < 1
+    # What was registered is what the stored form rebuilds: m_t ⊙ τ_MTL, read from the blobs, at rank 16.
+    blobs = LocalBlobStore(gw.data_dir / "blobs")
+    stored = read_merged(blobs.path_of(merged["meta"]["tall"]["merged_delta"]).read_bytes())
+    for version in rebuilt:
+        mask = read_mask(blobs.path_of(version["meta"]["tall"]["mask"]).read_bytes(), stored)
+        expected = reconstruct(stored, mask)
+        served = adapter_deltas(materialize(blobs, version["files"], tmp_path / version["meta"]["tall"]["source"]))
+        assert set(served) == set(expected)
+        for layer, delta in expected.items():
+            a, b, _, _ = low_rank(delta, 16)
+            assert torch.allclose(served[layer], b @ a, atol=1e-5)
+    sizes = tall["bytes"]
+    assert sizes["tall"] == sizes["merged_delta"] + sizes["masks"] and sizes["sources"] > 0
+    assert sizes["sources_dense"] == 2 * sizes["merged_delta"]
+    assert sizes["masks"] < 2 * sizes["merged_delta"] / 32 + 4096  # a bit per float32 entry, per source
+    rows = {row["alias"]: row for row in tall["retention"]}
+    assert set(rows) == {"sentiment", "qa"}
+    assert [row["candidate"] for row in tall["retention"]] == tall["versions"]
+    for row in rows.values():
+        assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
+    assert tall["min_retention"] == min(row["retention"] for row in rows.values())
+
+
+def test_several_aliases_served_by_one_merge_and_one_rolled_back_alone(gw, tall_merge):
+    name, version = tall_merge["result"]["ref"].split("@")
+    with gw.admin() as admin:
         for alias in ("sentiment", "qa"):
             moved = admin.post(f"/admin/aliases/{alias}/activate",
-                               json={"patch": name, "version": 1, "force": True, "reason": "serve the merge"})
+                               json={"patch": name, "version": int(version), "force": True,
+                                     "reason": "serve the merge"})
             assert moved.status_code == 200, moved.text
 
         def served_by(alias: str) -> str:
             return httpx.post(f"{gw.url}/v1/completions", timeout=60,
                               json={"model": alias, "prompt": "x", "max_tokens": 1}).headers["x-patchserve-served-by"]
 
-        assert served_by("sentiment") == served_by("qa") == f"base=base-v1; patch={name}@1"
+        assert served_by("sentiment") == served_by("qa") == f"base=base-v1; patch={name}@{version}"
         assert admin.post("/admin/aliases/sentiment/rollback", json={"reason": "back"}).status_code == 200
         assert served_by("sentiment") == "base=base-v1; patch=sentiment@1"
-        assert served_by("qa") == f"base=base-v1; patch={name}@1"
+        assert served_by("qa") == f"base=base-v1; patch={name}@{version}"

@@ -337,15 +337,18 @@ def merges_create(ctx: typer.Context,
                                                            "or orthogonal.")] = "ties",
                   density: Annotated[Optional[float], typer.Option(help="ties, dare_ties.")] = None,
                   weights: Annotated[Optional[str], typer.Option(help="One per source, comma-separated.")] = None,
+                  lam: Annotated[Optional[float], typer.Option(help="λ of the TALL masks (consensus, --tall).")] = None,
+                  tall: Annotated[bool, typer.Option(help="Also keep TALL storage and rebuild each source from "
+                                                          "it as its next version.")] = False,
                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
     """Merge SOURCES into a new version of --name, with a retention report per source alias."""
-    params: dict[str, Any] = {"density": density}
+    params: dict[str, Any] = {"density": density, "lam": lam}
     if weights:
         try:
             params["weights"] = [float(w) for w in weights.split(",")]
         except ValueError:
             raise typer.BadParameter(f"{weights!r} is not comma-separated numbers", param_hint="--weights") from None
-    body = {"sources": sources, "method": method, "rank": rank, "name": name, "reason": reason,
+    body = {"sources": sources, "method": method, "rank": rank, "name": name, "tall": tall, "reason": reason,
             "params": {k: v for k, v in params.items() if v is not None}}
     _follow(ctx, _run(ctx, lambda c: c.post("/merges", body))["job"], wait, json_)
 

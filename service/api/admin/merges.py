@@ -24,7 +24,8 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
 
     @router.post("/merges", status_code=202)
     async def merge(body: a.MergeRequest, key: ApiKey = Depends(require_admin)) -> JSONResponse:
-        """Queue a merge of `sources` by `method` into a new version of `name`, measured against each source."""
+        """Queue a merge of `sources` by `method` into a new version of `name`, measured against each source
+        (with `tall`, also each source rebuilt from the merge's TALL storage as its next version)."""
         if not is_safe_name(body.name):
             raise APIError(400, f"patch name {body.name!r} must be {NAME_RULE}", param="name")
         if body.rank > ctx.max_rank:
@@ -52,5 +53,5 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
             raise APIError(400, str(exc), param="params") from None
         job = await asyncio.to_thread(ctx.jobs.submit, "merge", {
             "sources": body.sources, "method": body.method, "params": body.params.model_dump(exclude_none=True),
-            "rank": body.rank, "name": body.name, "reason": body.reason}, actor_of(key))
+            "rank": body.rank, "name": body.name, "tall": body.tall, "reason": body.reason}, actor_of(key))
         return accepted(job)

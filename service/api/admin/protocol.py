@@ -66,6 +66,7 @@ class MergeRequest(_Request):
     params: MergeParamsRequest = MergeParamsRequest()
     rank: int = Field(ge=1)
     name: str  # the patch the merged version is registered under
+    tall: bool = False  # also keep the merge as TALL storage and rebuild each source from it as its next version
     reason: str = Field("", max_length=1000)
 
 
