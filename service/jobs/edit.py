@@ -84,8 +84,11 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
                         parent: MemoryVersion | None, added: list[str], revoked: list[str],
                         progress: Progress) -> dict:
     base_path = ctx.base_path(base)
-    irrelevant = _irrelevant(ctx, name)
+    asked = [p for e in keep for p in (e.prompt, *e.paraphrases)]
+    # A text that asks one of the memory's edits is where it must speak, not stay quiet.
+    irrelevant = [t for t in _irrelevant(ctx, name) if not any(a in t for a in asked)]
     start = _weights(ctx, train_from) if train_from else None
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         with ctx.evaluator.base(base_path) as (model, tok):
             layer = start.layer if start else _layer(ctx, model)

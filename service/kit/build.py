@@ -129,7 +129,7 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
     _write_jsonl(out / "probe.jsonl", [{"text": s} for s in probes])
     _write_jsonl(out / "edits.jsonl", tasks.knowledge_edits(v1, cfg.seed, cfg.edits, data))
     _write_jsonl(out / "memory" / "irrelevant.jsonl",
-                 [{"text": t} for t in tasks.irrelevant_texts(v1, cfg.seed, data, filler)])
+                 [{"text": t} for t in tasks.irrelevant_texts(v1, cfg.seed, data, filler, probes)])
 
     scores = _measure(out, tok, {"base-v1": base_v1, "base-v2": base_v2}, data, facts, probes, progress)
     mark("evaluation", t)

@@ -173,12 +173,15 @@ def knowledge_edits(world: World, seed: int, count: int, tasks: dict[str, TaskDa
     return edits
 
 
-def irrelevant_texts(world: World, seed: int, tasks: dict[str, TaskData], filler: list[str]) -> list[str]:
-    """Texts a side memory must stay quiet on while it learns: the first half's color statements, plain text,
-    and task prompts from the training side (never a locality or evaluation prompt)."""
+def irrelevant_texts(world: World, seed: int, tasks: dict[str, TaskData], filler: list[str],
+                     probe: list[str]) -> list[str]:
+    """Texts a side memory must stay quiet on while it learns: every fact of the world's first half in every
+    phrasing (the same relations as the edits, other subjects: a memory that answers "lives in" for anyone
+    is caught here; the edit job leaves out those that ask one of its edits), plain text, and task prompts
+    from the training side. Never a locality, evaluation or probe text."""
     rng = random.Random(f"{seed}-irrelevant")
-    first_half = world.people[: len(world.people) // 2]
-    texts = [t.format(name=p.name, value=p.color) for p in first_half for t in STATEMENTS["color"]]
+    first_half = World(world.version, world.people[: len(world.people) // 2])
+    texts = [t for t in first_half.statements() if t not in set(probe)]
     texts += rng.sample(filler, min(64, len(filler)))
     texts += [ex.prompt for name in ("sentiment", "reverse") for ex in rng.sample(tasks[name].train, 32)]
     return texts

@@ -232,9 +232,10 @@ def memories_show(ctx: typer.Context, name: str, json_: Json = False) -> None:
 def memories_edit(ctx: typer.Context, name: str,
                   edits: Annotated[Path, typer.Argument(help='JSONL of {"prompt", "target", "paraphrases"?, '
                                                              '"locality"?} rows.')],
+                  first: Annotated[Optional[int], typer.Option(min=1, help="Only the file's first N rows.")] = None,
                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
     """Write a batch of facts into NAME: trained on top of the served version, measured, gated, activated."""
-    rows = [json.loads(line) for line in _read(edits).decode().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in _read(edits).decode().splitlines() if line.strip()][:first]
     answer = _run(ctx, lambda c: c.post(f"/memories/{name}/edits", {"edits": rows, "reason": reason}))
     _follow(ctx, answer["job"], wait, json_)
 
