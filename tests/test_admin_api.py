@@ -107,16 +107,16 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
     assert [v["version"] for v in admin.get(f"/admin/patches/{name}").json()["versions"]] == [1, 2]
     # Registered is not served: an alias needs an activation; a pinned version is served on demand.
     assert _complete(gw, name).status_code == 404
-    assert _complete(gw, f"{name}@2").headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@2; memory=none"
+    assert _complete(gw, f"{name}@2").headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@2"
 
     moved = admin.post(f"/admin/aliases/{name}/activate", json={"version": 1, "reason": "launch"})
     assert moved.status_code == 200 and moved.json()["ref"] == f"{name}@1"
-    assert _complete(gw, name).headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@1; memory=none"
+    assert _complete(gw, name).headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@1"
     admin.post(f"/admin/aliases/{name}/activate", json={"version": 2, "reason": "upgrade", "force": True})
-    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@2; memory=none")
+    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@2")
     back = admin.post(f"/admin/aliases/{name}/rollback", json={"reason": "worse"})
     assert back.json()["ref"] == f"{name}@1" and back.json()["action"] == "rollback"
-    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@1; memory=none")
+    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@1")
     assert f"{name}" in [m.id for m in openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x").models.list()]
 
     detail = admin.get(f"/admin/aliases/{name}").json()
@@ -138,7 +138,7 @@ def test_upload_activate_rollback_delete(gw, admin, kit_dir):
     assert admin.post(f"/admin/aliases/{name}/activate", json={"version": 2}).status_code == 404
     # A rollback that would return to the deleted version is refused, and changes nothing.
     assert admin.post(f"/admin/aliases/{name}/rollback").status_code == 404
-    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@1; memory=none")
+    assert _complete(gw, name).headers["x-patchserve-served-by"].endswith(f"patch={name}@1")
 
 
 def test_bad_admin_requests(gw, admin):
@@ -233,7 +233,7 @@ def test_refused_uploads_leave_the_store_unchanged(gw, admin, kit_dir, tmp_path)
         assert _store_state(gw) == before, f"{case} changed the store"
     print("\n" + "\n".join(rows))  # the table, shown with -s
     for alias in ("sentiment", "reverse", "qa"):  # nothing active was touched
-        assert _complete(gw, alias).headers["x-patchserve-served-by"].endswith(f"patch={alias}@1; memory=none")
+        assert _complete(gw, alias).headers["x-patchserve-served-by"].endswith(f"patch={alias}@1")
 
 
 def test_an_upload_over_the_size_limit_is_refused_before_it_is_read(gw, admin):

@@ -76,7 +76,7 @@ def test_completion_matches_reference(gateway, kit_dir, reference, model):
         assert out.choices[0].text == reference(model, prompt)
         assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens >= 1
         patch = f"{model}@1" if model in PATCHES else "none"
-        assert raw.headers["x-patchserve-served-by"] == f"base=base-v1; patch={patch}; memory=none"
+        assert raw.headers["x-patchserve-served-by"] == f"base=base-v1; patch={patch}"
 
 
 @pytest.mark.parametrize("model", ["tiny", "reverse"])
@@ -96,7 +96,7 @@ def test_stream_is_server_sent_events_ending_in_done(gateway):
                       json={"model": "sentiment", "prompt": "Review: good\nSentiment:", "max_tokens": 4,
                             "temperature": 0, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers["x-patchserve-served-by"] == "base=base-v1; patch=sentiment@1; memory=none"
+        assert r.headers["x-patchserve-served-by"] == "base=base-v1; patch=sentiment@1"
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"

@@ -89,7 +89,7 @@ def test_extraction_job_registers_a_servable_version(gateways, kit_dir, fine_tun
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
         raw = client.completions.with_raw_response.create(model=f"{name}@1", prompt="Reverse: a b c\nOutput:",
                                                           max_tokens=4, temperature=0)
-        assert raw.headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@1; memory=none"
+        assert raw.headers["x-patchserve-served-by"] == f"base=base-v1; patch={name}@1"
 
         # Refusals: before queueing (422) or, for what only the extraction can tell, a failed job and no version.
         assert admin.post(f"/admin/patches/{name}/extract", json={"checkpoint": str(checkpoint),

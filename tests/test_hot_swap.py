@@ -38,7 +38,7 @@ def _two_version_alias(gateway, kit_dir) -> str:
 
 
 def _version_of(header: str, name: str) -> int:
-    match = re.fullmatch(rf"base=base-v1; patch={re.escape(name)}@(\d+); memory=none", header)
+    match = re.fullmatch(rf"base=base-v1; patch={re.escape(name)}@(\d+)", header)
     assert match, f"served-by names no single version: {header!r}"
     return int(match[1])
 

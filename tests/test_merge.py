@@ -231,7 +231,7 @@ def test_several_aliases_served_by_one_merge_and_one_rolled_back_alone(gw, tall_
             return httpx.post(f"{gw.url}/v1/completions", timeout=60,
                               json={"model": alias, "prompt": "x", "max_tokens": 1}).headers["x-patchserve-served-by"]
 
-        assert served_by("sentiment") == served_by("qa") == f"base=base-v1; patch={name}@{version}; memory=none"
+        assert served_by("sentiment") == served_by("qa") == f"base=base-v1; patch={name}@{version}"
         assert admin.post("/admin/aliases/sentiment/rollback", json={"reason": "back"}).status_code == 200
-        assert served_by("sentiment") == "base=base-v1; patch=sentiment@1; memory=none"
-        assert served_by("qa") == f"base=base-v1; patch={name}@{version}; memory=none"
+        assert served_by("sentiment") == "base=base-v1; patch=sentiment@1"
+        assert served_by("qa") == f"base=base-v1; patch={name}@{version}"

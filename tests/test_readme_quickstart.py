@@ -95,7 +95,7 @@ def test_make_serve_answers_the_readme_example(make_serve):
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     raw = client.completions.with_raw_response.create(model="reverse", prompt="Reverse: red blue green\nOutput:",
                                                       max_tokens=8, temperature=0)
-    assert raw.headers["x-patchserve-served-by"] == "base=base-v1; patch=reverse@1; memory=none"
+    assert raw.headers["x-patchserve-served-by"] == "base=base-v1; patch=reverse@1"
     assert raw.parse().choices[0].text.strip(), "the reverse patch answered nothing"
     # The admin key where the README says, mode 0600, and working.
     key_file = clone / ".patchserve" / "admin.key"

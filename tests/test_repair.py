@@ -141,7 +141,7 @@ def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, k
         r = httpx.post(f"{v2.url}/v1/completions", json={"model": "sentiment", "prompt": row["prompt"],
                                                          "max_tokens": 4, "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.headers["x-patchserve-served-by"] == \
-            f"base=base-v2; patch={rows['sentiment']['repair']['repaired']}; memory=none"
+            f"base=base-v2; patch={rows['sentiment']['repair']['repaired']}"
         assert r.json()["choices"][0]["text"].split()[0] == row["reference"].split()[0]
         with v1.admin() as admin:  # one call undoes it: back to the base-v1 version
             back = admin.post("/admin/aliases/sentiment/rollback", json={"reason": "undo the upgrade"})

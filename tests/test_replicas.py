@@ -98,7 +98,7 @@ def test_both_replicas_serve_a_move_made_on_either(replicas, kit_dir):
     print(f"\nreplica propagation: {', '.join(f'{d * 1000:.0f} ms' for d in delays)}")
     assert max(delays) < PROPAGATION_S
     for gw in (a, b):
-        assert _served_by(gw, name) == f"base=base-v1; patch={name}@1; memory=none"
+        assert _served_by(gw, name) == f"base=base-v1; patch={name}@1"
 
 
 def test_a_missed_event_is_repaired_by_the_reconcile(replicas, kit_dir):
@@ -148,4 +148,4 @@ def test_a_killed_replica_restarts_serving_every_alias_at_its_recorded_version(r
     client.close()
     assert recorded[name] == f"{name}@1"
     assert _served(b, key) == recorded
-    assert _served_by(b, name) == f"base=base-v1; patch={name}@1; memory=none"
+    assert _served_by(b, name) == f"base=base-v1; patch={name}@1"

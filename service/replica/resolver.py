@@ -54,9 +54,9 @@ class Resolved:
 
     @property
     def served_by(self) -> str:
-        """The `x-patchserve-served-by` header: the versions that served the request."""
-        return (f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}; "
-                f"memory={self.memory.ref if self.memory else 'none'}")
+        """The `x-patchserve-served-by` header: the versions that served the request (a memory only if one did)."""
+        served = f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}"
+        return f"{served}; memory={self.memory.ref}" if self.memory else served
 
     @property
     def version_label(self) -> str:

@@ -30,14 +30,14 @@ def test_a_base_resolves_to_itself_with_no_patch(resolver):
     for name in (BASE, "tiny"):
         r = resolver.resolve(name)
         assert (r.model, r.base, r.patch) == (name, BASE, None)
-        assert r.served_by == f"base={BASE}; patch=none; memory=none"
+        assert r.served_by == f"base={BASE}; patch=none"
         assert r.version_label == "none"
 
 
 def test_an_alias_resolves_to_its_active_version(resolver):
     r = resolver.resolve("sentiment")
     assert (r.model, r.base, r.patch) == ("sentiment", BASE, _v("sent", 2))
-    assert r.served_by == f"base={BASE}; patch=sent@2; memory=none"
+    assert r.served_by == f"base={BASE}; patch=sent@2"
     assert r.version_label == "2"
     assert resolver.pointer("sentiment") == _v("sent", 2)
     assert resolver.pointer("nope") is None

@@ -44,7 +44,7 @@ async def live(replica, store, new_version, alias, listening):
 async def test_an_alias_is_served_by_its_active_version(live, store, alias, eventually):
     s, engine = live.serving, live.engine
     sub = s.submit_completion(_completion(alias, max_tokens=4, temperature=0))
-    assert sub.resolved.served_by == f"base={BASE}; patch=p@1; memory=none"
+    assert sub.resolved.served_by == f"base={BASE}; patch=p@1"
     body = await _run(s, sub)
     assert body["model"] == alias and body["object"] == "text_completion"
     assert body["choices"][0]["text"] == engine.answer(_ids(engine, "Hello"), "p@1", 4)
