@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from service.kv.policy import IDENTITY, KVPolicy
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -35,6 +37,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingConfig
     adapter: AdapterRef | None = None
+    kv_policy: KVPolicy = IDENTITY  # how this request's KV cache is kept (resolved with its alias at admission)
 
 
 @dataclass

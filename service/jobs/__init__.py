@@ -8,13 +8,14 @@ from service.jobs.activate import activate
 from service.jobs.context import JobContext
 from service.jobs.evaluate import evaluate
 from service.jobs.extract import extract
+from service.jobs.kv_policy import kv_policy
 from service.jobs.merge import merge
 from service.jobs.port import port
 from service.jobs.repair import repair
 from service.jobs.worker import Handler
 
 JOB_TYPES = {"evaluate": evaluate, "activate": activate, "extract": extract, "port": port, "merge": merge,
-             "repair": repair}
+             "repair": repair, "kv_policy": kv_policy}
 
 
 def handlers(ctx: JobContext) -> dict[str, Handler]:

@@ -24,6 +24,7 @@ from adapters_store.registry import AliasPointer, PatchVersion, Registry
 from adapters_store.rollouts import Rollouts
 from service import metrics
 from service.replica.adapter_pool import AdapterPool
+from service.replica.kv_state import KVState
 from service.replica.resolver import Resolver, Trial
 
 log = logging.getLogger("patchserve.sync")
@@ -39,8 +40,9 @@ class RegistrySync:
 
     def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
                  redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None,
-                 events_client: Callable[[], aioredis.Redis] | None = None):
+                 events_client: Callable[[], aioredis.Redis] | None = None, kv: KVState | None = None):
         self.registry = registry
+        self.kv = kv  # KV policies follow the same events and reconcile (applied after the aliases they name)
         self.rollouts = rollouts or Rollouts(registry)
         self.resolver = resolver
         self.pool = pool
@@ -87,7 +89,17 @@ class RegistrySync:
                     metrics.registry_repairs.inc()  # not the first apply at start: an event went missing
             await self._apply_rollouts(trials)
             await self._keep(previous)
+            await self._apply_kv()
         self.last_reconcile = time.time()
+
+    async def _apply_kv(self) -> None:
+        if self.kv is None:
+            return
+        try:
+            records = await asyncio.to_thread(self.kv.read)
+        except redis.RedisError:
+            return  # the registry away: the policies in force stay; the next reconcile reads them again
+        await self.kv.apply(records)
 
     async def sync_alias(self, alias: str) -> None:
         """Read one alias's pointer back from Redis and apply it (after a move here or an event)."""
@@ -206,6 +218,9 @@ class RegistrySync:
             await self.sync_alias(event["alias"])
         elif event.get("type") in ("version_created", "version_deleted", "rollout_changed"):
             await self.reconcile()
+        elif event.get("type") == "kv_policy_changed":
+            async with self._lock:
+                await self._apply_kv()
 
     async def _periodic(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from adapters_store.registry import PatchVersion
 from adapters_store.rollouts import Rollout
+from service.kv.policy import IDENTITY, KVPolicy
 
 
 class UnknownModel(LookupError):
@@ -43,15 +44,30 @@ def _bucket(alias: str, user: str | None) -> float:
 
 
 @dataclass(frozen=True)
+class KVInForce:
+    """A KV policy record as this replica serves it: its scope (a base or an alias), version and policy."""
+
+    scope: str
+    version: int
+    policy: KVPolicy = IDENTITY
+
+    @property
+    def ref(self) -> str:
+        return f"{self.scope}@{self.version}"
+
+
+@dataclass(frozen=True)
 class Resolved:
     model: str  # the name as registered (the metrics' `alias` label)
     base: str
     patch: PatchVersion | None
+    kv: KVInForce | None = None  # the KV policy in force for it (None: the default, never set)
 
     @property
     def served_by(self) -> str:
-        """The `x-patchserve-served-by` header: the versions that served the request."""
-        return f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}"
+        """The `x-patchserve-served-by` header: the versions that served the request (and its KV policy, if set)."""
+        kv = f"; kv={self.kv.ref}" if self.kv is not None else ""
+        return f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}{kv}"
 
     @property
     def version_label(self) -> str:
@@ -65,9 +81,16 @@ class Resolver:
     aliases: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias → (patch, version)
     elsewhere: dict[str, str] = field(default_factory=dict)  # alias → the base it is on, not hosted here
     rollouts: dict[str, Trial] = field(default_factory=dict)  # alias → its canary or shadow candidate
+    kv: dict[str, KVInForce] = field(default_factory=dict)  # scope (base or alias) → KV policy in force
 
     def resolve(self, model: str, user: str | None = None) -> Resolved:
         """The versions that serve `model` now (for `user`, under a canary); raises UnknownModel, HostedElsewhere."""
+        resolved = self._resolve(model, user)
+        kv = self.kv.get(resolved.model) if resolved.patch is not None else None
+        kv = kv or self.kv.get(resolved.base)
+        return Resolved(resolved.model, resolved.base, resolved.patch, kv) if kv is not None else resolved
+
+    def _resolve(self, model: str, user: str | None) -> Resolved:
         if model in self.elsewhere:
             raise HostedElsewhere(model, self.elsewhere[model])
         if model in self.bases:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.kv_policies import KVPolicies
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
 from adapters_store.replicas import ReplicaDirectory
@@ -36,6 +37,7 @@ class AdminContext:
     max_upload_bytes: int
     max_rank: int
     replicas: ReplicaDirectory
+    kv: KVPolicies | None = None
 
     async def move(self, alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
         """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""

@@ -16,6 +16,7 @@ from service import metrics
 from service.api.errors import APIError
 from service.api.openai import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
+from service.kv.policy import IDENTITY
 from service.replica.adapter_pool import AdapterPool
 from service.replica.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
 
@@ -132,7 +133,8 @@ class OpenAIServing:
         sampling = SamplingConfig(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                   stop=req.stop_list(), n=req.n, logprobs=logprobs, ignore_eos=req.ignore_eos)
         adapter = self.pool.ref(resolved.patch) if resolved.patch else None
-        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter)
+        kv = resolved.kv.policy if resolved.kv is not None else IDENTITY
+        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter, kv_policy=kv)
         return Submission(resolved, request, _Meter(resolved))
 
     # -- running it -----------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""The compressed KV cache: one cache layer class plugged into transformers' own `DynamicCache` (not a fork).
+
+A layer holds, per row and KV head: the sinks (first tokens) at full precision, a body of quantised tokens,
+and a tail of the most recent tokens at full precision (KIVI's residual; keys are flushed to the body a group
+of tokens at a time, since their scales span a group of tokens). Eviction happens once, at prefill: the
+prompt's attention is computed exactly, then only the kept tokens are stored. The layer keeps the logical
+length apart from what it holds (as transformers' sliding-window layer does: `get_seq_length` and
+`get_mask_sizes`), so new tokens keep their true positions.
+
+Scores that need the queries (snapkv, expected_attention) come from a forward pre-hook on each attention
+module (`QueryTap`): it recomputes the prompt's queries with the module's own q_proj (LoRA included) and hands
+them to the layer before attention calls `update`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from service.kv import evict, quantize
+from service.kv.policy import KVPolicy, KVPolicyRefused
+
+_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CompressedLayer(DynamicLayer):
+    """One attention layer's cache under a `KVPolicy`."""
+
+    is_croppable = False  # held tokens are not a suffix of the sequence: cropping has no meaning
+    supports_early_init = False
+
+    def __init__(self, policy: KVPolicy, layer_idx: int):
+        super().__init__()
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.length = 0  # logical tokens seen (positions), whatever is held
+        self.queries: evict.QueryInfo | None = None  # set by the tap for this prefill
+        self.sink_k = self.sink_v = None  # [B, H, S, D] full precision
+        self.body_k = self.body_v = None  # quantised: Codes, or tensors in fp8 / fp16 / bf16
+        self.tail_k = self.tail_v = None  # [B, H, T, D] full precision
+
+    # -- transformers' layer interface ----------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        d = key_states.shape[-1]
+        if self.policy.rotate:
+            try:
+                self._rotation = quantize.hadamard(d).to(self.device, torch.float32)
+            except ValueError as exc:
+                raise KVPolicyRefused(str(exc)) from None
+        if self.policy.quant.startswith("int") and d % min(self.policy.group, d):
+            raise KVPolicyRefused(f"value groups of {self.policy.group} channels do not divide the head size {d}")
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens (compressed) and return every held token's keys and values for attention."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.length == 0:
+            self.length = new
+            k, v = self._evict(key_states, value_states)
+            s = min(self.policy.sinks, k.shape[2]) if self._keeps_sinks else 0
+            self.sink_k, self.sink_v = k[:, :, :s], v[:, :, :s]
+            self.tail_k, self.tail_v = k[:, :, s:], v[:, :, s:]
+            self._flush(prefill=True)
+            return key_states, value_states  # the prompt attends to itself exactly
+        self.length += new
+        self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
+        self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
+        keys, values = self._held()
+        self._flush()
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.held_tokens()
+        return held + query_length, self.length - held
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.sink_k = self.sink_v = self.body_k = self.body_v = self.tail_k = self.tail_v = None
+        self.is_initialized = False
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a compressed cache keeps its batch (no beam search)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a compressed cache keeps its batch (no beam search)")
+
+    # -- what it holds --------------------------------------------------------------------------------
+    def held_tokens(self) -> int:
+        """Tokens held per row and head (after eviction), whatever their precision."""
+        return sum(t.shape[2] for t in (self.sink_k, self._body_keys_shape(), self.tail_k) if t is not None)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (codes, scales, zero points, full-precision tokens)."""
+        total = 0
+        for part in (self.sink_k, self.sink_v, self.body_k, self.body_v, self.tail_k, self.tail_v):
+            if isinstance(part, quantize.Codes):
+                total += part.nbytes()
+            elif part is not None:
+                total += part.numel() * part.element_size()
+        return total
+
+    @property
+    def _keeps_sinks(self) -> bool:
+        return self.policy.quantised or self.policy.evict != "none"
+
+    def _body_keys_shape(self):
+        if self.body_k is None:
+            return None
+        return self.body_k.packed if isinstance(self.body_k, quantize.Codes) else self.body_k
+
+    # -- eviction, flushing, reading back -------------------------------------------------------------
+    def _evict(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.policy
+        t = k.shape[2]
+        keep = evict.keep_count(t, p.budget, p.sinks)
+        if p.evict == "none" or keep >= t:
+            return k, v
+        if p.evict == "streaming":
+            scores = evict.streaming_scores(k)
+        elif self.queries is None:
+            raise KVPolicyRefused(f"evict {p.evict} needs the prompt's queries: the model's attention modules have "
+                                  f"no query tap (install_query_tap)")
+        elif p.evict == "snapkv":
+            scores = evict.snapkv_scores(self.queries.window, k)
+        else:
+            scores = evict.expected_attention_scores(self.queries, k, v)
+        self.queries = None
+        index = evict.select(scores, keep, p.sinks).unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        return k.gather(2, index), v.gather(2, index)
+
+    def _flush(self, prefill: bool = False) -> None:
+        """Move tail tokens beyond the residual window into the body: all of them after the prompt (its last key
+        group may be short), then a whole key group at a time, so decoding re-quantises nothing."""
+        p = self.policy
+        if p.quant == "none":
+            return
+        step = 1 if prefill or not p.quant.startswith("int") else p.group
+        n = (self.tail_k.shape[2] - p.residual) // step * step
+        if n <= 0:
+            return
+        k, v = self.tail_k[:, :, :n], self.tail_v[:, :, :n]
+        self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
+        if p.rotate:
+            k, v = k.float() @ self._rotation, v.float() @ self._rotation
+        if p.quant in _CAST:
+            new_k, new_v = k.to(_CAST[p.quant]), v.to(_CAST[p.quant])
+        elif p.quant == "fp8":
+            new_k, new_v = quantize.to_fp8(k), quantize.to_fp8(v)
+        else:
+            bits, vgroup = quantize_bits(p), min(p.group, k.shape[-1])
+            new_k, new_v = quantize.quantize_keys(k, bits, p.group), quantize.quantize_values(v, bits, vgroup)
+        self.body_k = _append(self.body_k, new_k)
+        self.body_v = _append(self.body_v, new_v)
+
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts_k, parts_v = [self.sink_k], [self.sink_v]
+        if self.body_k is not None:
+            k, v = self._read_body()
+            parts_k.append(k)
+            parts_v.append(v)
+        parts_k.append(self.tail_k)
+        parts_v.append(self.tail_v)
+        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+    def _read_body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.policy
+        if isinstance(self.body_k, quantize.Codes):
+            vgroup = min(p.group, self.tail_v.shape[-1])
+            k = quantize.dequantize_keys(self.body_k, torch.float32)
+            v = quantize.dequantize_values(self.body_v, vgroup, torch.float32)
+        else:
+            k, v = self.body_k.float(), self.body_v.float()
+        if p.rotate:
+            k, v = k @ self._rotation, v @ self._rotation  # the Hadamard is its own inverse
+        return k.to(self.dtype), v.to(self.dtype)
+
+
+def quantize_bits(policy: KVPolicy) -> int:
+    return int(policy.quant.removeprefix("int"))
+
+
+def _append(body, new):
+    if body is None:
+        return new
+    if isinstance(new, quantize.Codes):
+        return body.append(new)
+    return torch.cat([body, new], dim=2)
+
+
+def compressed_cache(policy: KVPolicy, config) -> Cache | None:
+    """A transformers cache for one batch under `policy`; None (transformers' default) when it compresses nothing."""
+    if policy.is_identity:
+        return None
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[CompressedLayer(policy, i) for i in range(layers)])
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by any transformers cache: our layers' own accounting, else the keys' and values' tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, CompressedLayer):
+            total += layer.nbytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
+
+
+class QueryTap:
+    """Forward pre-hooks on every attention module: hand the prompt's queries to a compressed layer that scores
+    eviction with them (snapkv: the last window after RoPE; expected_attention: statistics rotated to future
+    positions). Installed once per model; a no-op for any other cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+        self.handles = [
+            module.register_forward_pre_hook(self._before_attention, with_kwargs=True)
+            for name, module in model.named_modules()
+            if name.endswith("self_attn") and hasattr(module, "q_proj") and hasattr(module, "layer_idx")
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _before_attention(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        layers = getattr(cache, "layers", None)
+        if not layers or module.layer_idx >= len(layers):
+            return None
+        layer = layers[module.layer_idx]
+        if not isinstance(layer, CompressedLayer) or layer.length or layer.policy.evict not in (
+                "snapkv", "expected_attention"):
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        b, t, _ = hidden.shape
+        d = module.head_dim
+        if layer.policy.evict == "snapkv":
+            w = min(evict.WINDOW, t)
+            q = module.q_proj(hidden[:, -w:]).view(b, w, -1, d).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            layer.queries = evict.QueryInfo(window=evict.rope(q, cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)))
+        else:
+            q = module.q_proj(hidden).view(b, t, -1, d).transpose(1, 2)
+            positions = torch.arange(t, t + evict.FUTURE, device=hidden.device).unsqueeze(0)
+            cos, sin = self.rotary(hidden, positions)
+            mean, cov = evict.query_statistics(q, layer.policy.sinks, evict.mean_rotation(cos[0], sin[0]))
+            layer.queries = evict.QueryInfo(mean=mean, cov=cov)
+        return None
