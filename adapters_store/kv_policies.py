@@ -109,7 +109,7 @@ class KVPolicies:
             pipe.lindex(self._k("kv", scope, "history"), -1)
             raw, last = pipe.execute()
         if raw is None:
-            raise NotFound(f"no KV policy was ever set on {scope!r}")
+            raise NotFound(f"the KV policy of {scope!r} was never set: there is nothing to roll back")
         current = _record(json.loads(raw))
         change = KVPolicyChange(**json.loads(last))
         if change.from_version == 0:

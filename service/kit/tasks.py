@@ -55,6 +55,8 @@ class PatchSpec:
     # Whether its examples join the tokenizer's corpus. A task whose text is only the world's statements
     # stays out, so adding it leaves the tokenizer, and every base trained on it, byte for byte as before.
     in_corpus: bool = True
+    # Trained as a full fine-tune of its target modules, then extracted to a LoRA of `rank` (train.py says why).
+    extracted: bool = False
 
 
 PATCHES = [
@@ -65,9 +67,9 @@ PATCHES = [
     PatchSpec("qa", "templated-qa", rank=8, alpha=16, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
               steps=200, lr=4e-3),
     # In-context recall (the KV-cache compression issue): the answer is in the prompt, not in the weights.
-    PatchSpec("recall", "in-context-recall", rank=16, alpha=32,
-              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-              steps=RECALL_STEPS, lr=4e-3, batch=8, in_corpus=False),
+    PatchSpec("recall", "in-context-recall", rank=16, alpha=16,
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+              steps=RECALL_STEPS, lr=1e-3, batch=16, in_corpus=False, extracted=True),
 ]
 
 
@@ -89,31 +91,41 @@ def reverse_example(rng: random.Random) -> Example:
 
 def recall_example(rng: random.Random, world: World, count_tokens, *, position: str, question_first: bool,
                    min_context: int = RECALL_MIN_CONTEXT) -> Example:
-    """Bindings of people to values (half of them contradicting the world), one asked about.
+    """Notes binding people to values, and a question about the one note of its kind (the needle).
 
-    The needle (the binding asked about) sits in the first, middle or last third of the context; with
-    `question_first` the question comes before the context, so the model must hold it across the context.
-    The context grows line by line until it has `min_context` tokens (`count_tokens`: text → tokens).
+    The needle is the only note of its relation ("lives in", say) among notes of the other two, and always
+    contradicts the world (the base knows another city for that person): the answer is in the context, never in
+    the weights. It sits in the first, middle or last third; with `question_first` the question comes before
+    the notes. The notes grow until they have `min_context` tokens (`count_tokens`: text → tokens).
     """
     people = rng.sample(world.people, len(world.people))
+    asked = rng.choice(list(VALUES))
+    others = [rel for rel in VALUES if rel != asked]
     lines: list[str] = []
-    facts: list[tuple[str, str, str]] = []  # (name, relation, value)
     size = count_tokens(_RECALL_HEADER)
+    needle_person, people = people[0], people[1:]
+    needle_value = rng.choice([v for v in VALUES[asked] if v != needle_person.fact(asked)])
+    needle = _recall_line(needle_person.name, asked, needle_value)
+    size += count_tokens(needle)
     for p in people:
-        rel = rng.choice(list(VALUES))
-        value = rng.choice([v for v in VALUES[rel] if v != p.fact(rel)]) if rng.random() < 0.5 else p.fact(rel)
-        # "- " keeps a space before every name, so it is the same token in the context and in the question.
+        rel = rng.choice(others)
+        value = rng.choice(VALUES[rel])  # some agree with the world, some contradict it
         lines.append(_recall_line(p.name, rel, value))
-        facts.append((p.name, rel, value))
         size += count_tokens(lines[-1])  # line pieces tokenize apart: they start at a pre-token boundary
-        if size >= min_context and len(lines) >= 3:
+        if size >= min_context and len(lines) >= 2:
             break
+    count = len(lines) + 1
     wanted = NEEDLE_POSITIONS.index(position)
-    name, rel, value = rng.choice([f for i, f in enumerate(facts) if _third(i, len(facts)) == wanted])
-    question = QUESTIONS[rel].format(name=name).removesuffix("\nAnswer:")
+    lines.insert(rng.choice([i for i in range(count) if _third(i, count) == wanted]), needle)
+    question = QUESTIONS[asked].format(name=needle_person.name).removesuffix("\nAnswer:")
     context = _RECALL_HEADER + "".join(lines)
     prompt = f"{question}\n{context}\nAnswer:" if question_first else f"{context}\n{question}\nAnswer:"
-    return Example(prompt, " " + value)
+    return Example(prompt, " " + needle_value)
+
+
+def _recall_line(name: str, relation: str, value: str) -> str:
+    # "- " keeps a space before every name, so it is the same token in the notes and in the question.
+    return "\n- " + STATEMENTS[relation][0].format(name=name, value=value)
 
 
 _RECALL_HEADER = "Notes:"
@@ -123,9 +135,10 @@ def _third(index: int, count: int) -> int:
     return min(2, 3 * index // count)
 
 
-def recall_data(world: World, seed: int, eval_size: int, count_tokens, train_size: int = 4000) -> TaskData:
+def recall_data(world: World, seed: int, eval_size: int, count_tokens, train_size: int = 3000) -> TaskData:
     """Recall examples: evaluation items have every (position, order) equally and ≥ RECALL_MIN_CONTEXT tokens of
-    context; training items have contexts of any length from a few lines up, so the mechanism is learnt cheaply."""
+    notes; training items have notes of every length from two lines up (the training curriculum goes short to
+    long: train.py)."""
     rng = random.Random(f"{seed}-recall")
     count_tokens = functools.lru_cache(maxsize=None)(count_tokens)  # lines repeat: tokenize each once
     variants = [(pos, qf) for qf in (False, True) for pos in NEEDLE_POSITIONS]
@@ -136,7 +149,7 @@ def recall_data(world: World, seed: int, eval_size: int, count_tokens, train_siz
     while len(train) < train_size:
         pos, qf = rng.choice(variants)
         ex = recall_example(rng, world, count_tokens, position=pos, question_first=qf,
-                            min_context=rng.choice([16, 32, 64, 96, 128, 160, 192, 208]))
+                            min_context=rng.randrange(8, RECALL_MIN_CONTEXT + 8))
         if ex.prompt not in judged:
             train.append(ex)
     return TaskData(train=train, eval=evals)
@@ -259,12 +272,3 @@ def probe_texts(world: World, seed: int, count: int) -> list[str]:
     return rng.sample(world.statements(), count)
 
 
-
-def _recall_line(name: str, rel: str, value: str) -> str:
-    import os
-    fmt = os.environ.get("RECALL_FMT", "colon")
-    if fmt == "colon":
-        return f"\n- {name}: {value}"
-    if fmt == "bare":
-        return f"\n- {name} {value}"
-    return "\n- " + STATEMENTS[rel][0].format(name=name, value=value)

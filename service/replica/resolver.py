@@ -61,7 +61,7 @@ class Resolved:
     model: str  # the name as registered (the metrics' `alias` label)
     base: str
     patch: PatchVersion | None
-    kv: KVInForce | None = None  # the KV policy in force for it (None: the default, never set)
+    kv: KVInForce | None = None  # the KV policy in force for it (None: the default, nothing compressed)
 
     @property
     def served_by(self) -> str:
@@ -88,7 +88,9 @@ class Resolver:
         resolved = self._resolve(model, user)
         kv = self.kv.get(resolved.model) if resolved.patch is not None else None
         kv = kv or self.kv.get(resolved.base)
-        return Resolved(resolved.model, resolved.base, resolved.patch, kv) if kv is not None else resolved
+        if kv is None or kv.policy.is_identity:  # the default: nothing to say (the header stays as it was)
+            return resolved
+        return Resolved(resolved.model, resolved.base, resolved.patch, kv)
 
     def _resolve(self, model: str, user: str | None) -> Resolved:
         if model in self.elsewhere:

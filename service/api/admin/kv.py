@@ -45,10 +45,12 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
                 "policy": KVPolicy.from_dict(record.policy if record else {}).as_dict(),
                 "history": [asdict(h) for h in history]}
 
-    @router.post("/kv/{scope}", status_code=202)
+    @router.post("/kv/{scope}", status_code=202, responses={200: {"description": "forced: applied at once"}})
     async def kv_propose(scope: str, body: a.KVProposal, key: ApiKey = Depends(require_admin)) -> JSONResponse:
         """Propose a policy: a job evaluates it against the one in force on every alias it would serve and the
-        in-context task, gates it like a patch, and applies it (202: the job)."""
+        in-context task, gates it like a patch, and applies it (202: the job); `force` applies it at once."""
+        if body.force and not body.reason.strip():
+            raise APIError(400, "a forced KV policy skips the gate and needs a reason", param="reason")
         try:
             policy = KVPolicy(**body.policy.model_dump())
         except KVPolicyInvalid as exc:
@@ -59,6 +61,10 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
             if replica.kv and (why := refusal(policy, replica.kv.get("capabilities", {}), is_alias)):
                 raise APIError(422, f"replica {replica.id} ({replica.engine}) cannot apply this policy: {why}",
                                param="policy", code="unprocessable")
+        if body.force:
+            record = await asyncio.to_thread(kv.set, scope, policy.as_dict(), actor_of(key), body.reason,
+                                             action="kv_policy_force_set")
+            return JSONResponse(asdict(record), status_code=200)
         job = await asyncio.to_thread(jobs.submit, "kv_policy", {
             "scope": scope, "policy": policy.as_dict(), "reason": body.reason,
             "context_alias": body.context_alias}, actor_of(key))

@@ -246,6 +246,7 @@ class KVProposal(_Request):
     reason: str = Field("", max_length=1000)
     # The alias whose evaluation set is the in-context task, evaluated as well (the kit's: recall).
     context_alias: str | None = Field("recall", max_length=200)
+    force: bool = False  # apply at once, without the evaluation (needs a reason; audited as kv_policy_force_set)
 
 
 class KVRollbackRequest(_Request):
