@@ -49,6 +49,13 @@ DASHBOARDS = {
         ("Missed events repaired by the reconcile (last hour)",
          "sum(increase(patchserve_registry_repairs_total[1h]))", "short"),
         ("Registry (Redis) reachable", "patchserve_redis_up", "short"),
+        ("KV-cache policy in force by scope (a base: its default; an alias: its own)",
+         "patchserve_kv_policy_info == 1", "short"),
+        ("KV bytes held per token by scope", "max by (engine, scope) (patchserve_kv_bytes_per_token)", "bytes"),
+        ("KV cache capacity in tokens by scope", "max by (engine, scope) (patchserve_kv_cache_capacity_tokens)",
+         "short"),
+        ("KV policies recorded but refused by the engine",
+         "sum by (scope) (patchserve_kv_policy_refused) or sum by (scope) (patchserve_kv_policy_info) * 0", "short"),
     ]),
     "compatibility": ("patchserve — Compatibility", "Is the new version worse than the one it replaces?", [
         ("Negative flip rate by version (share of items it got worse on)",

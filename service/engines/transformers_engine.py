@@ -96,6 +96,7 @@ class TransformersEngine:
         self._query_tap = QueryTap(self.model)  # on the attention modules, which PEFT keeps when it wraps them
         for hook in self.hooks.forward_pre:
             hook(self.model)
+        self._probe_kv(IDENTITY)  # the uncompressed cache's figures, measured like every policy's
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._serve_batches())
 

@@ -20,7 +20,7 @@ REVERSIBLE = COLORS + PROFESSIONS
 VALUES = {"city": CITIES, "job": PROFESSIONS, "color": COLORS}
 
 # The recall task: a context of bindings "<name> <relation> <value>." (one per line), a question about one.
-RECALL_STEPS = 400
+RECALL_STEPS = 600
 RECALL_MIN_CONTEXT = 192  # tokens of context an evaluation item has at least
 NEEDLE_POSITIONS = ("early", "middle", "late")
 
@@ -69,7 +69,7 @@ PATCHES = [
     # In-context recall (the KV-cache compression issue): the answer is in the prompt, not in the weights.
     PatchSpec("recall", "in-context-recall", rank=16, alpha=16,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
-              steps=RECALL_STEPS, lr=1e-3, batch=16, in_corpus=False, extracted=True),
+              steps=RECALL_STEPS, lr=2e-3, batch=16, in_corpus=False, extracted=True),
 ]
 
 
