@@ -94,21 +94,28 @@ def test_integer_caches_hold_packed_codes_and_fp16_scales(model, prompt, referen
     policy = KVPolicy(quant=quant, group=32, residual=16, sinks=4)
     _, logits, cache = decode(model, prompt, policy)
     layer = cache.layers[0]
-    body = layer.body_k
-    assert body.packed.dtype == torch.uint8 and body.packed.shape[-1] == HEAD_DIM * bits // 8
-    assert body.scale.dtype == torch.float16
-    assert layer.held_tokens() == 156  # quantisation keeps every token
-    full_precision = layer.sink_k.shape[2] + layer.tail_k.shape[2]
-    assert 16 <= layer.tail_k.shape[2] < 16 + 32  # the residual window, plus a key group not yet whole
+    # 150 prompt tokens: 4 sinks, 16 in the residual window, 130 quantised (keys in 5 groups, the last one short
+    # and padded); 6 decoded tokens wait in the window until a whole group of 32 is there.
+    [keys] = layer.key_segments
+    assert keys.packed.dtype == torch.uint8 and keys.packed.shape == (3, HEADS, 160, HEAD_DIM * bits // 8)
+    assert keys.tokens == 130 and keys.scale.shape == (3, HEADS, 5, HEAD_DIM) and keys.scale.dtype == torch.float16
+    assert layer.body_v.scale.shape == (3, HEADS, 130, HEAD_DIM // 32)
+    assert (layer.sink_k.shape[2], layer.tail_k.shape[2], layer.held_tokens()) == (4, 22, 156)
     # The measured bytes are the sum of the parts: a check of the accounting, not of a formula.
-    per_row_layer = cache_nbytes(cache) / (3 * LAYERS)
-    quantised = 156 - full_precision
-    codes = 2 * quantised * HEADS * HEAD_DIM * bits / 8
-    key_scales = 2 * 2 * HEADS * HEAD_DIM * body.scale.shape[2]  # scale and zero, fp16, per channel and group
-    value_scales = 2 * 2 * HEADS * quantised * (HEAD_DIM // 32)
-    assert per_row_layer == codes + key_scales + value_scales + full_precision * FP32_BYTES_PER_TOKEN / LAYERS
+    codes = (160 + 130) * HEADS * HEAD_DIM * bits // 8
+    scales = 2 * 2 * HEADS * (5 * HEAD_DIM + 130 * HEAD_DIM // 32)  # scale and zero point, fp16
+    full_precision = (4 + 22) * FP32_BYTES_PER_TOKEN // LAYERS
+    assert cache_nbytes(cache) == 3 * LAYERS * (codes + scales + full_precision)
     if bits == 8:
         assert (logits - reference[1]).abs().max() < 0.05  # 8 bits: close to exact
+
+
+def test_decoding_flushes_whole_key_groups(model, prompt):
+    _, _, cache = decode(model, prompt, KVPolicy(quant="int4", group=32, residual=16, sinks=4), steps=40)
+    layer = cache.layers[0]
+    # 26 + 40 tokens reached the window: one whole group of 32 left it, as a segment of its own (no padding)
+    assert [(s.tokens, s.packed.shape[2]) for s in layer.key_segments] == [(130, 160), (32, 32)]
+    assert layer.tail_k.shape[2] == 16 + 40 + 1 - 32 - 1 and layer.held_tokens() == 150 + 40
 
 
 def test_a_hadamard_rotation_is_its_own_inverse_and_lowers_2_bit_error():
@@ -117,22 +124,23 @@ def test_a_hadamard_rotation_is_its_own_inverse_and_lowers_2_bit_error():
     x[..., 3] *= 20  # an outlier channel, as keys have
     h = quantize.hadamard(64)
     assert torch.allclose(x @ h @ h, x, atol=1e-5)
-    plain = quantize.dequantize_values(quantize.quantize_values(x, 2, 32), 32, torch.float32)
-    rotated = quantize.dequantize_values(quantize.quantize_values(x @ h, 2, 32), 32, torch.float32) @ h
+    plain = quantize.dequantize_values(quantize.quantize_values(x, 2, 32), torch.float32)
+    rotated = quantize.dequantize_values(quantize.quantize_values(x @ h, 2, 32), torch.float32) @ h
     assert (rotated - x).pow(2).mean() < (plain - x).pow(2).mean()
 
 
 def test_keys_quantise_in_groups_whatever_the_length():
     x = torch.randn(2, 2, 45, 64)  # not a multiple of the group: the last group is shorter
     codes = quantize.quantize_keys(x, 4, 16)
-    assert codes.counts.tolist() == [16, 16, 13]
-    assert (quantize.dequantize_keys(codes, torch.float32) - x).abs().max() < (x.max() - x.min()) / 15
+    assert codes.tokens == 45 and codes.packed.shape[2] == 48 and codes.scale.shape[2] == 3
+    back = quantize.dequantize_keys(codes, torch.float32)
+    assert back.shape == x.shape and (back - x).abs().max() < (x.max() - x.min()) / 15
 
 
 def test_fp8_stores_one_byte_per_value(model, prompt):
     _, _, cache = decode(model, prompt, KVPolicy(quant="fp8", residual=0, sinks=0))
     layer = cache.layers[0]
-    assert layer.body_k.dtype == torch.float8_e4m3fn and layer.tail_k.shape[2] == 0
+    assert layer.key_segments[0].dtype == torch.float8_e4m3fn and layer.tail_k.shape[2] == 0
     assert cache_nbytes(cache) == 3 * 156 * FP32_BYTES_PER_TOKEN / 4
 
 

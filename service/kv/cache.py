@@ -36,8 +36,12 @@ class CompressedLayer(DynamicLayer):
         self.length = 0  # logical tokens seen (positions), whatever is held
         self.queries: evict.QueryInfo | None = None  # set by the tap for this prefill
         self.sink_k = self.sink_v = None  # [B, H, S, D] full precision
-        self.body_k = self.body_v = None  # quantised: Codes, or tensors in fp8 / fp16 / bf16
-        self.tail_k = self.tail_v = None  # [B, H, T, D] full precision
+        # The quantised body: keys in segments of whole groups (the prompt's may end padded; decoding appends
+        # whole groups), values as one run; for fp8/fp16/bf16 one tensor each.
+        self.key_segments: list = []
+        self.body_v = None
+        self.body_tokens = 0
+        self.tail_k = self.tail_v = None  # [B, H, T, D] full precision: the residual window
 
     # -- transformers' layer interface ----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -83,8 +87,9 @@ class CompressedLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self.length = 0
-        self.sink_k = self.sink_v = self.body_k = self.body_v = self.tail_k = self.tail_v = None
+        self.length = self.body_tokens = 0
+        self.sink_k = self.sink_v = self.body_v = self.tail_k = self.tail_v = None
+        self.key_segments = []
         self.is_initialized = False
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -96,12 +101,14 @@ class CompressedLayer(DynamicLayer):
     # -- what it holds --------------------------------------------------------------------------------
     def held_tokens(self) -> int:
         """Tokens held per row and head (after eviction), whatever their precision."""
-        return sum(t.shape[2] for t in (self.sink_k, self._body_keys_shape(), self.tail_k) if t is not None)
+        if self.sink_k is None:
+            return 0
+        return self.sink_k.shape[2] + self.body_tokens + self.tail_k.shape[2]
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (codes, scales, zero points, full-precision tokens)."""
         total = 0
-        for part in (self.sink_k, self.sink_v, self.body_k, self.body_v, self.tail_k, self.tail_v):
+        for part in (self.sink_k, self.sink_v, *self.key_segments, self.body_v, self.tail_k, self.tail_v):
             if isinstance(part, quantize.Codes):
                 total += part.nbytes()
             elif part is not None:
@@ -111,11 +118,6 @@ class CompressedLayer(DynamicLayer):
     @property
     def _keeps_sinks(self) -> bool:
         return self.policy.quantised or self.policy.evict != "none"
-
-    def _body_keys_shape(self):
-        if self.body_k is None:
-            return None
-        return self.body_k.packed if isinstance(self.body_k, quantize.Codes) else self.body_k
 
     # -- eviction, flushing, reading back -------------------------------------------------------------
     def _evict(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +130,7 @@ class CompressedLayer(DynamicLayer):
             scores = evict.streaming_scores(k)
         elif self.queries is None:
             raise KVPolicyRefused(f"evict {p.evict} needs the prompt's queries: the model's attention modules have "
-                                  f"no query tap (install_query_tap)")
+                                  f"no query tap (QueryTap)")
         elif p.evict == "snapkv":
             scores = evict.snapkv_scores(self.queries.window, k)
         else:
@@ -151,49 +153,62 @@ class CompressedLayer(DynamicLayer):
         self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
         if p.rotate:
             k, v = k.float() @ self._rotation, v.float() @ self._rotation
-        if p.quant in _CAST:
-            new_k, new_v = k.to(_CAST[p.quant]), v.to(_CAST[p.quant])
-        elif p.quant == "fp8":
-            new_k, new_v = quantize.to_fp8(k), quantize.to_fp8(v)
+        self.body_tokens += n
+        if not p.quant.startswith("int"):
+            cast = quantize.to_fp8 if p.quant == "fp8" else (lambda x: x.to(_CAST[p.quant]))
+            last = self.key_segments.pop() if self.key_segments else None
+            self.key_segments.append(cast(k) if last is None else torch.cat([last, cast(k)], dim=2))
+            self.body_v = cast(v) if self.body_v is None else torch.cat([self.body_v, cast(v)], dim=2)
+            return
+        bits = quantize_bits(p)
+        keys = quantize.quantize_keys(k, bits, p.group)
+        last = self.key_segments[-1] if self.key_segments else None
+        if last is not None and last.tokens == last.packed.shape[2] and keys.tokens == keys.packed.shape[2]:
+            self.key_segments[-1] = quantize.Codes(  # whole groups after whole groups: one segment
+                torch.cat([last.packed, keys.packed], dim=2), torch.cat([last.scale, keys.scale], dim=2),
+                torch.cat([last.zero, keys.zero], dim=2), bits, last.tokens + keys.tokens)
         else:
-            bits, vgroup = quantize_bits(p), min(p.group, k.shape[-1])
-            new_k, new_v = quantize.quantize_keys(k, bits, p.group), quantize.quantize_values(v, bits, vgroup)
-        self.body_k = _append(self.body_k, new_k)
-        self.body_v = _append(self.body_v, new_v)
+            self.key_segments.append(keys)
+        values = quantize.quantize_values(v, bits, min(p.group, v.shape[-1]))
+        self.body_v = values if self.body_v is None else quantize.append_values(self.body_v, values)
 
     def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts_k, parts_v = [self.sink_k], [self.sink_v]
-        if self.body_k is not None:
-            k, v = self._read_body()
-            parts_k.append(k)
-            parts_v.append(v)
-        parts_k.append(self.tail_k)
-        parts_v.append(self.tail_v)
-        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
-
-    def _read_body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.policy
-        if isinstance(self.body_k, quantize.Codes):
-            vgroup = min(p.group, self.tail_v.shape[-1])
-            k = quantize.dequantize_keys(self.body_k, torch.float32)
-            v = quantize.dequantize_values(self.body_v, vgroup, torch.float32)
-        else:
-            k, v = self.body_k.float(), self.body_v.float()
-        if p.rotate:
-            k, v = k @ self._rotation, v @ self._rotation  # the Hadamard is its own inverse
-        return k.to(self.dtype), v.to(self.dtype)
+        """Every held token's keys and values, written once into fresh buffers (dequantised in place)."""
+        b, h, s, d = self.sink_k.shape
+        body, tail = self.body_tokens, self.tail_k.shape[2]
+        total = s + body + tail
+        pad = max((seg.packed.shape[2] - seg.tokens for seg in self.key_segments
+                   if isinstance(seg, quantize.Codes)), default=0)
+        dtype = torch.float32 if body else self.dtype
+        keys = torch.empty(b, h, total + pad, d, dtype=dtype, device=self.device)
+        values = torch.empty(b, h, total, d, dtype=dtype, device=self.device)
+        keys[:, :, :s] = self.sink_k
+        values[:, :, :s] = self.sink_v
+        at = s
+        for seg in self.key_segments:  # a padded segment's padding is overwritten by what follows it
+            if isinstance(seg, quantize.Codes):
+                quantize.dequantize_keys_into(seg, keys[:, :, at : at + seg.packed.shape[2]])
+                at += seg.tokens
+            else:
+                keys[:, :, at : at + seg.shape[2]] = seg
+                at += seg.shape[2]
+        if isinstance(self.body_v, quantize.Codes):
+            quantize.dequantize_values_into(self.body_v, values[:, :, s : s + body])
+        elif self.body_v is not None:
+            values[:, :, s : s + body] = self.body_v
+        if self.policy.rotate and body:  # the Hadamard is its own inverse
+            keys[:, :, s : s + body] = keys[:, :, s : s + body] @ self._rotation
+            values[:, :, s : s + body] = values[:, :, s : s + body] @ self._rotation
+        keys[:, :, s + body : total] = self.tail_k
+        values[:, :, s + body :] = self.tail_v
+        keys = keys[:, :, :total]
+        if keys.dtype != self.dtype:
+            return keys.to(self.dtype), values.to(self.dtype)
+        return keys, values
 
 
 def quantize_bits(policy: KVPolicy) -> int:
     return int(policy.quant.removeprefix("int"))
-
-
-def _append(body, new):
-    if body is None:
-        return new
-    if isinstance(new, quantize.Codes):
-        return body.append(new)
-    return torch.cat([body, new], dim=2)
 
 
 def compressed_cache(policy: KVPolicy, config) -> Cache | None:
