@@ -79,8 +79,10 @@ def test_a_policy_change_is_evaluated_gated_applied_and_rolled_back(gw, admin, k
     assert {"sentiment", "reverse", "qa", "recall"} <= set(result["reports"])
     for alias, report in result["reports"].items():
         assert {"score_old", "score_new", "nfr", "pfr", "agreement"} <= set(report), alias
-        assert report["bytes_per_token_new"] < report["bytes_per_token_old"] / 2, alias
+        assert report["bytes_per_token_new"] <= report["bytes_per_token_old"], alias  # short prompts: all in window
         assert result["gates"][alias]["passed"]
+    recall = result["reports"]["recall"]  # ≥ 192-token contexts: most of each prompt is quantised
+    assert recall["bytes_per_token_new"] < recall["bytes_per_token_old"] / 2
     version = result["version"]
 
     applied = until(lambda: (s := kv_view(admin)[BASE])["version"] == version and s)

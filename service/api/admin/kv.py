@@ -41,8 +41,11 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
         """A scope's policy record and its history, oldest change first."""
         await scope_base(scope)
         record, history = await asyncio.to_thread(lambda: (kv.get(scope), kv.history(scope)))
-        return {"scope": scope, "record": asdict(record) if record else None,
-                "policy": KVPolicy.from_dict(record.policy if record else {}).as_dict(),
+        try:
+            policy = KVPolicy.from_dict(record.policy if record else {}).as_dict()
+        except KVPolicyInvalid:  # written by something other than this API: shown as stored, never served
+            policy = None
+        return {"scope": scope, "record": asdict(record) if record else None, "policy": policy,
                 "history": [asdict(h) for h in history]}
 
     @router.post("/kv/{scope}", status_code=202, responses={200: {"description": "forced: applied at once"}})
