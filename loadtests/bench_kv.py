@@ -34,7 +34,7 @@ from service.evaluation.generation import greedy_generate  # noqa: E402
 from service.evaluation.report import compare  # noqa: E402
 from service.evaluation.scoring import answer_text  # noqa: E402
 from service.kit.tasks import recall_variant  # noqa: E402
-from service.kv.cache import QueryTap, cache_nbytes, compressed_cache  # noqa: E402
+from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill  # noqa: E402
 from service.kv.policy import KVPolicy  # noqa: E402
 from service.kv.vllm_mapping import fp8_supported  # noqa: E402
 
@@ -74,7 +74,7 @@ def bytes_per_token(model, tok, prompts: list[str], policy: KVPolicy, length: in
     held = tokens = 0
     for prompt in prompts:
         ids = torch.tensor([tok(prompt)["input_ids"][:length]])
-        out = model(input_ids=ids, past_key_values=compressed_cache(policy, model.config), use_cache=True)
+        out = prefill(model, ids, compressed_cache(policy, model.config))
         held += cache_nbytes(out.past_key_values)
         tokens += ids.shape[1]
     return held / tokens
@@ -90,7 +90,7 @@ def decode_rate(model, tok, prompts: list[str], policy: KVPolicy, steps: int = 3
     ids = torch.tensor([tok(p)["input_ids"] for p in batch])
     best = 0.0
     for _ in range(repeats):
-        out = model(input_ids=ids, past_key_values=compressed_cache(policy, model.config), use_cache=True)
+        out = prefill(model, ids, compressed_cache(policy, model.config))
         past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         started = time.perf_counter()
         for _ in range(steps):

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.kv import quantize
-from service.kv.cache import QueryTap, cache_nbytes, compressed_cache
+from service.kv.cache import PREFILL_CHUNK, QueryTap, cache_nbytes, compressed_cache, prefill
 from service.kv.policy import KVPolicy, KVPolicyInvalid, KVPolicyRefused
 from service.kv.vllm_mapping import cpu_flags, fp8_supported, kv_cache_dtype, refusal
 
@@ -34,7 +34,7 @@ def model():
 def decode(model, ids: torch.Tensor, policy: KVPolicy, steps: int = 6):
     """Greedy decode with our own loop (as the engine does): (tokens, logits per step, final cache)."""
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=compressed_cache(policy, model.config), use_cache=True)
+        out = prefill(model, ids, compressed_cache(policy, model.config))
         logits, tokens = [out.logits[:, -1]], [out.logits[:, -1].argmax(-1)]
         for _ in range(steps):
             out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
@@ -59,9 +59,10 @@ def test_the_default_policy_is_transformers_own_cache(model):
 
 @pytest.mark.parametrize("evict", ["streaming", "snapkv", "expected_attention"])
 def test_an_eviction_that_keeps_every_token_changes_no_logit(model, prompt, reference, evict):
-    # A budget that rounds to the whole prompt goes through the same layer: positions and masks must be exact.
-    _, logits, cache = decode(model, prompt, KVPolicy(evict=evict, budget=0.999))
-    assert torch.equal(logits, reference[1])
+    # A budget that rounds to every token goes through the same layer: positions and masks must be right (the
+    # prompt read in chunks sums in another order: equal to float precision, the same tokens).
+    tokens, logits, cache = decode(model, prompt, KVPolicy(evict=evict, budget=0.999))
+    assert torch.allclose(logits, reference[1], atol=1e-4) and torch.equal(tokens, reference[0])
     assert cache.get_seq_length() == prompt.shape[1] + 6
 
 
@@ -70,7 +71,7 @@ def test_eviction_holds_the_budget_and_keeps_true_positions(model, prompt, refer
     policy = KVPolicy(evict=evict, budget=0.5)
     _, logits, cache = decode(model, prompt, policy)
     layer = cache.layers[0]
-    assert layer.held_tokens() == 75 + 6  # half the prompt, then every decoded token
+    assert layer.held_tokens() == 75 + 6  # half of each prompt chunk, then every decoded token
     assert cache.get_seq_length() == 150 + 6  # the logical length: the next token's position
     assert layer.get_mask_sizes(1) == (75 + 6 + 1, 150 - 75)
     assert not torch.equal(logits, reference[1])  # something was dropped, and it shows
@@ -80,12 +81,13 @@ def test_eviction_holds_the_budget_and_keeps_true_positions(model, prompt, refer
 
 def test_streaming_keeps_the_sinks_and_the_most_recent_tokens(model, prompt):
     policy = KVPolicy(evict="streaming", budget=0.5, sinks=4)
+    short = prompt[:, :PREFILL_CHUNK]  # one chunk: the sinks and its most recent tokens
     with torch.inference_mode():
-        full = model(input_ids=prompt, use_cache=True).past_key_values
-        kept = model(input_ids=prompt, past_key_values=compressed_cache(policy, model.config), use_cache=True)
-    layer = kept.past_key_values.layers[1]
+        full = model(input_ids=short, use_cache=True).past_key_values
+        kept = prefill(model, short, compressed_cache(policy, model.config)).past_key_values
+    layer = kept.layers[1]
     held = torch.cat([layer.sink_k, layer.tail_k], dim=2)
-    expected = torch.cat([full.layers[1].keys[:, :, :4], full.layers[1].keys[:, :, -71:]], dim=2)
+    expected = torch.cat([full.layers[1].keys[:, :, :4], full.layers[1].keys[:, :, -28:]], dim=2)
     assert torch.equal(held, expected)
 
 
@@ -94,11 +96,13 @@ def test_integer_caches_hold_packed_codes_and_fp16_scales(model, prompt, referen
     policy = KVPolicy(quant=quant, group=32, residual=16, sinks=4)
     _, logits, cache = decode(model, prompt, policy)
     layer = cache.layers[0]
-    # 150 prompt tokens: 4 sinks, 16 in the residual window, 130 quantised (keys in 5 groups, the last one short
-    # and padded); 6 decoded tokens wait in the window until a whole group of 32 is there.
-    [keys] = layer.key_segments
-    assert keys.packed.dtype == torch.uint8 and keys.packed.shape == (3, HEADS, 160, HEAD_DIM * bits // 8)
-    assert keys.tokens == 130 and keys.scale.shape == (3, HEADS, 5, HEAD_DIM) and keys.scale.dtype == torch.float16
+    # 150 prompt tokens read as chunks of 64, 64, 22: 4 sinks, 16 in the residual window, 130 quantised — 44, 64
+    # and 22 keys flushed after each chunk (a short last group padded); 6 decoded tokens wait in the window.
+    segments = layer.key_segments
+    shapes = [(k.tokens, k.packed.shape[2], k.scale.shape[2]) for k in segments]
+    assert shapes == [(44, 64, 2), (64, 64, 2), (22, 32, 1)]
+    assert all(k.packed.dtype == torch.uint8 and k.packed.shape[-1] == HEAD_DIM * bits // 8 for k in segments)
+    assert all(k.scale.dtype == torch.float16 for k in segments)
     assert layer.body_v.scale.shape == (3, HEADS, 130, HEAD_DIM // 32)
     assert (layer.sink_k.shape[2], layer.tail_k.shape[2], layer.held_tokens()) == (4, 22, 156)
     # The measured bytes are the sum of the parts: a check of the accounting, not of a formula.
@@ -114,7 +118,7 @@ def test_decoding_flushes_whole_key_groups(model, prompt):
     _, _, cache = decode(model, prompt, KVPolicy(quant="int4", group=32, residual=16, sinks=4), steps=40)
     layer = cache.layers[0]
     # 26 + 40 tokens reached the window: one whole group of 32 left it, as a segment of its own (no padding)
-    assert [(s.tokens, s.packed.shape[2]) for s in layer.key_segments] == [(130, 160), (32, 32)]
+    assert [(s.tokens, s.packed.shape[2]) for s in layer.key_segments][-1] == (32, 32)
     assert layer.tail_k.shape[2] == 16 + 40 + 1 - 32 - 1 and layer.held_tokens() == 150 + 40
 
 
@@ -144,12 +148,26 @@ def test_fp8_stores_one_byte_per_value(model, prompt):
     assert cache_nbytes(cache) == 3 * 156 * FP32_BYTES_PER_TOKEN / 4
 
 
-def test_generate_runs_on_a_compressed_cache(model, prompt):
+def test_greedy_generation_reads_the_prompt_as_the_engine_does(model, prompt):
+    from service.evaluation.generation import greedy_generate
+
+    class Tok:  # greedy_generate's tokenizer: the prompt ids are the text here
+        eos_token_id, pad_token_id = 96, 0
+
+        def __call__(self, text):
+            return {"input_ids": [int(x) for x in text.split()]}
+
     policy = KVPolicy(quant="int4", evict="snapkv", budget=0.5)
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                         max_new_tokens=5, past_key_values=compressed_cache(policy, model.config))
+    texts = [" ".join(map(str, row.tolist())) for row in prompt]
+    got = greedy_generate(model, Tok(), texts, max_new_tokens=5, cache=lambda: compressed_cache(policy, model.config))
     ours, _, _ = decode(model, prompt, policy, steps=4)
-    assert torch.equal(out[:, 150:], ours)
+    assert [g[:5] for g in got] == [row[: len(g[:5])].tolist() for row, g in zip(ours, got)]
+
+
+def test_a_prompt_is_read_in_chunks_each_attending_to_what_was_kept(model, prompt):
+    # 150 tokens: chunks of 64, 64, 22; at budget 0.5 each keeps half of itself (the sinks in the first).
+    _, _, cache = decode(model, prompt, KVPolicy(evict="streaming", budget=0.5), steps=0)
+    assert PREFILL_CHUNK == 64 and cache.layers[0].held_tokens() == 32 + 32 + 11
 
 
 @pytest.mark.parametrize("bad,why", [

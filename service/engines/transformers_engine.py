@@ -31,7 +31,7 @@ from service.engines.protocol import (
     OutputDelta,
     TokenLogprob,
 )
-from service.kv.cache import QueryTap, cache_nbytes, compressed_cache
+from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill
 from service.kv.policy import EVICTIONS, IDENTITY, QUANTS, KVPolicy
 from service.settings import Settings
 
@@ -163,7 +163,7 @@ class TransformersEngine:
         with self._lock:
             cache = compressed_cache(policy, self.model.config)
             extra = {"adapter_names": [BASE]} if self._adapters else {}
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+            out = prefill(self.model, ids, cache, **extra)
         self._measured(policy, out.past_key_values, rows=1)
 
     def _measured(self, policy: KVPolicy, cache, rows: int) -> None:
@@ -241,7 +241,10 @@ class TransformersEngine:
             # between two steps, so an activation never waits for a long batch to end.
             with self._lock:
                 extra = {"adapter_names": names} if self._adapters else {}
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
+                if step == 0:  # the prompt: a compressed cache reads it chunk by chunk
+                    out = prefill(self.model, ids, past, **extra)
+                else:
+                    out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
             if step == 0:
                 self._measured(policy, past, len(rows))  # after prefill: what the prompt's cache holds

@@ -19,7 +19,7 @@ from adapters_store.blobs import BlobStore, materialize
 from adapters_store.registry import PatchVersion
 from service.evaluation.generation import greedy_generate, perplexity
 from service.evaluation.scoring import answer_text
-from service.kv.cache import QueryTap, cache_nbytes, compressed_cache
+from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill
 from service.kv.policy import IDENTITY, KVPolicy
 
 hf_logging.disable_progress_bar()  # logs stay quiet by default; job progress is reported on the job
@@ -61,8 +61,7 @@ class Evaluator:
             with torch.inference_mode():
                 for prompt in prompts:
                     ids = torch.tensor([tok(prompt)["input_ids"]])
-                    out = model(input_ids=ids, past_key_values=compressed_cache(kv_policy, model.config),
-                                use_cache=True)
+                    out = prefill(model, ids, compressed_cache(kv_policy, model.config))
                     held += cache_nbytes(out.past_key_values)
                     tokens += ids.shape[1]
             return held / max(1, tokens)

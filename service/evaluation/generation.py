@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from service.kv.cache import PREFILL_CHUNK, prefill
+
 
 @torch.inference_mode()
 def greedy_generate(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: list[str],
@@ -29,7 +31,11 @@ def greedy_generate(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompt
         for start in range(0, len(indices), batch):
             chunk = indices[start : start + batch]
             ids = torch.tensor([encoded[i] for i in chunk])
-            extra = {"past_key_values": made} if cache is not None and (made := cache()) is not None else {}
+            extra = {}
+            if cache is not None and (made := cache()) is not None:
+                # All but the prompt's last chunk read into the compressed cache; generate reads the rest.
+                prefill(model, ids[:, : (ids.shape[1] - 1) // PREFILL_CHUNK * PREFILL_CHUNK], made)
+                extra = {"past_key_values": made}
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id, **extra)
@@ -58,7 +64,7 @@ def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerFast, texts: list
             n = ids.shape[1] - 1
         else:
             half = ids.shape[1] // 2
-            first = model(input_ids=ids[:, :half], past_key_values=made, use_cache=True)
+            first = prefill(model, ids[:, :half], made)
             rest = model(input_ids=ids[:, half:], past_key_values=first.past_key_values, use_cache=True)
             logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1)
             n = ids.shape[1] - half

@@ -2,10 +2,12 @@
 
 A layer holds, per row and KV head: the sinks (first tokens) at full precision, a body of quantised tokens,
 and a tail of the most recent tokens at full precision (KIVI's residual; keys are flushed to the body a group
-of tokens at a time, since their scales span a group of tokens). Eviction happens once, at prefill: the
-prompt's attention is computed exactly, then only the kept tokens are stored. The layer keeps the logical
-length apart from what it holds (as transformers' sliding-window layer does: `get_seq_length` and
-`get_mask_sizes`), so new tokens keep their true positions.
+of tokens at a time, since their scales span a group of tokens). A prompt is read in chunks (`prefill`):
+each chunk attends to what the cache kept of the earlier ones, then is evicted to the budget and quantised —
+the cache never holds the prompt uncompressed, and what compression costs shows in the prompt's own answer
+(read in one pass, a prompt would answer its first token from exact attention, whatever the policy). The
+layer keeps the logical length apart from what it holds (as transformers' sliding-window layer does:
+`get_seq_length` and `get_mask_sizes`), so new tokens keep their true positions.
 
 Scores that need the queries (snapkv, expected_attention) come from a forward pre-hook on each attention
 module (`QueryTap`): it recomputes the prompt's queries with the module's own q_proj (LoRA included) and hands
@@ -57,23 +59,35 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store the new tokens (compressed) and return every held token's keys and values for attention."""
+        """Store the new tokens (compressed) and return every held token's keys and values for attention.
+
+        A prompt arrives in chunks (`prefill`): the first attends to itself exactly; each later one attends to
+        what the cache kept of the chunks before it, as a request does once its prompt is in a compressed cache.
+        Each chunk is evicted to the budget once its attention is done, then quantised beyond the window.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
-        if self.length == 0:
-            self.length = new
-            k, v = self._evict(key_states, value_states)
+        first = self.length == 0
+        self.length += new
+        if first:
+            k, v = self._evict(key_states, value_states, first=True)
             s = min(self.policy.sinks, k.shape[2]) if self._keeps_sinks else 0
             self.sink_k, self.sink_v = k[:, :, :s], v[:, :, :s]
             self.tail_k, self.tail_v = k[:, :, s:], v[:, :, s:]
             self._flush(prefill=True)
-            return key_states, value_states  # the prompt attends to itself exactly
-        self.length += new
+            return key_states, value_states
+        before = self.tail_k.shape[2]
         self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
         self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
         keys, values = self._held()
-        self._flush()
+        if new > 1:  # a later chunk of the prompt: evicted to the budget, then flushed like the first
+            k, v = self._evict(key_states, value_states, first=False)
+            self.tail_k = torch.cat([self.tail_k[:, :, :before], k], dim=-2)
+            self.tail_v = torch.cat([self.tail_v[:, :, :before], v], dim=-2)
+            self._flush(prefill=True)
+        else:
+            self._flush()
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -120,10 +134,12 @@ class CompressedLayer(DynamicLayer):
         return self.policy.quantised or self.policy.evict != "none"
 
     # -- eviction, flushing, reading back -------------------------------------------------------------
-    def _evict(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evict(self, k: torch.Tensor, v: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of one prompt chunk the budget keeps (the sinks only in the first chunk)."""
         p = self.policy
         t = k.shape[2]
-        keep = evict.keep_count(t, p.budget, p.sinks)
+        sinks = p.sinks if first else 0
+        keep = evict.keep_count(t, p.budget, sinks)
         if p.evict == "none" or keep >= t:
             return k, v
         if p.evict == "streaming":
@@ -136,7 +152,7 @@ class CompressedLayer(DynamicLayer):
         else:
             scores = evict.expected_attention_scores(self.queries, k, v)
         self.queries = None
-        index = evict.select(scores, keep, p.sinks).unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+        index = evict.select(scores, keep, sinks).unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
         return k.gather(2, index), v.gather(2, index)
 
     def _flush(self, prefill: bool = False) -> None:
@@ -219,6 +235,24 @@ def compressed_cache(policy: KVPolicy, config) -> Cache | None:
     return Cache(layers=[CompressedLayer(policy, i) for i in range(layers)])
 
 
+PREFILL_CHUNK = 64  # prompt tokens read at a time into a compressed cache
+
+
+def prefill(model, input_ids: torch.Tensor, cache, **kwargs):
+    """Read a prompt into `cache` a chunk of PREFILL_CHUNK tokens at a time; the last chunk's output.
+
+    With transformers' own cache (None) the prompt is read in one pass. With a compressed one, each chunk attends
+    to what the cache kept of the earlier ones, so what compression costs shows in the prompt's own answer.
+    """
+    if cache is None:
+        return model(input_ids=input_ids, use_cache=True, **kwargs)
+    out = None
+    for start in range(0, input_ids.shape[1], PREFILL_CHUNK):
+        out = model(input_ids=input_ids[:, start : start + PREFILL_CHUNK], past_key_values=cache, use_cache=True,
+                    **kwargs)
+    return out
+
+
 def cache_nbytes(cache) -> int:
     """Bytes held by any transformers cache: our layers' own accounting, else the keys' and values' tensors."""
     total = 0
@@ -253,11 +287,12 @@ class QueryTap:
         if not layers or module.layer_idx >= len(layers):
             return None
         layer = layers[module.layer_idx]
-        if not isinstance(layer, CompressedLayer) or layer.length or layer.policy.evict not in (
-                "snapkv", "expected_attention"):
+        if not isinstance(layer, CompressedLayer) or layer.policy.evict not in ("snapkv", "expected_attention"):
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         b, t, _ = hidden.shape
+        if t == 1:
+            return None  # decoding: nothing is evicted
         d = module.head_dim
         if layer.policy.evict == "snapkv":
             w = min(evict.WINDOW, t)
@@ -266,7 +301,8 @@ class QueryTap:
             layer.queries = evict.QueryInfo(window=evict.rope(q, cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)))
         else:
             q = module.q_proj(hidden).view(b, t, -1, d).transpose(1, 2)
-            positions = torch.arange(t, t + evict.FUTURE, device=hidden.device).unsqueeze(0)
+            start = layer.length + t  # the positions after this chunk
+            positions = torch.arange(start, start + evict.FUTURE, device=hidden.device).unsqueeze(0)
             cos, sin = self.rotary(hidden, positions)
             mean, cov = evict.query_statistics(q, layer.policy.sinks, evict.mean_rotation(cos[0], sin[0]))
             layer.queries = evict.QueryInfo(mean=mean, cov=cov)
