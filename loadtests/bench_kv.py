@@ -44,16 +44,18 @@ POLICIES = [
     KVPolicy(quant="int8", group=32, residual=16),
     KVPolicy(quant="int4", group=32, residual=16),
     KVPolicy(quant="int4", group=64, residual=8),
+    KVPolicy(quant="int4", group=64, residual=0, sinks=0),
     KVPolicy(quant="int2", group=32, residual=16),
     KVPolicy(quant="int2", group=32, residual=16, rotate=True),
-    KVPolicy(quant="int2", group=64, residual=8, rotate=True),
+    KVPolicy(quant="int2", group=64, residual=0, sinks=0, rotate=True),
     KVPolicy(evict="streaming", budget=0.5),
     KVPolicy(evict="snapkv", budget=0.5),
     KVPolicy(evict="expected_attention", budget=0.5),
-    KVPolicy(quant="int4", group=32, residual=16, evict="snapkv", budget=0.5),
-    KVPolicy(quant="int4", group=64, residual=8, evict="snapkv", budget=0.5),
-    KVPolicy(quant="int4", group=64, residual=8, evict="expected_attention", budget=0.5),
     KVPolicy(quant="int4", group=64, residual=8, evict="snapkv", budget=0.75),
+    KVPolicy(quant="int4", group=64, residual=8, evict="snapkv", budget=0.5),
+    KVPolicy(quant="int4", group=64, residual=0, sinks=0, evict="snapkv", budget=0.5),
+    KVPolicy(quant="int4", group=64, residual=8, evict="expected_attention", budget=0.5),
+    KVPolicy(quant="int2", group=64, residual=0, sinks=0, rotate=True, evict="snapkv", budget=0.5),
 ]
 TASKS = ("sentiment", "reverse", "qa", "recall")
 SEQ = 192  # the concurrent-sequences figure: sequences of this many tokens in the budget
