@@ -1,7 +1,7 @@
 """KV-cache policies on the kit: bytes per token held, every task's score, in-context recall by needle position,
 decode throughput, and how many 192-token sequences fit in a fixed KV budget.
 
-    .venv/bin/python loadtests/bench_kv.py [--kit .patchserve/kit] [--budget-gib 1] [--vllm auto|on|off]
+    .venv/bin/python loadtests/bench_kv.py [--kit .patchserve/kit] [--budget-gib 1] [--vllm auto|on|off] [--threads 2]
 
 Each policy (service/kv) runs through the same compressed cache layer the transformers engine serves with:
 every kit task's evaluation set is answered greedily by its patch on base-v1 (the base alone on facts-v1),
@@ -165,8 +165,9 @@ def main() -> None:
     parser.add_argument("--kit", type=Path, default=REPO / ".patchserve" / "kit")
     parser.add_argument("--budget-gib", type=float, default=1.0)
     parser.add_argument("--vllm", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     manifest = json.loads((args.kit / "manifest.json").read_text())
     base_dir = args.kit / "base-v1"
     tok = AutoTokenizer.from_pretrained(base_dir)

@@ -97,16 +97,17 @@ def test_integer_caches_hold_packed_codes_and_fp16_scales(model, prompt, referen
     _, logits, cache = decode(model, prompt, policy)
     layer = cache.layers[0]
     # 150 prompt tokens read as chunks of 64, 64, 22: 4 sinks, 16 in the residual window, 130 quantised — 44, 64
-    # and 22 keys flushed after each chunk (a short last group padded); 6 decoded tokens wait in the window.
+    # and 22 keys flushed after each chunk, in whole groups of 32 and one shorter group for what is left (no
+    # padding held); 6 decoded tokens wait in the window.
     segments = layer.key_segments
     shapes = [(k.tokens, k.packed.shape[2], k.scale.shape[2]) for k in segments]
-    assert shapes == [(44, 64, 2), (64, 64, 2), (22, 32, 1)]
+    assert shapes == [(32, 32, 1), (12, 12, 1), (64, 64, 2), (22, 22, 1)]
     assert all(k.packed.dtype == torch.uint8 and k.packed.shape[-1] == HEAD_DIM * bits // 8 for k in segments)
     assert all(k.scale.dtype == torch.float16 for k in segments)
     assert layer.body_v.scale.shape == (3, HEADS, 130, HEAD_DIM // 32)
     assert (layer.sink_k.shape[2], layer.tail_k.shape[2], layer.held_tokens()) == (4, 22, 156)
     # The measured bytes are the sum of the parts: a check of the accounting, not of a formula.
-    codes = (160 + 130) * HEADS * HEAD_DIM * bits // 8
+    codes = (130 + 130) * HEADS * HEAD_DIM * bits // 8
     scales = 2 * 2 * HEADS * (5 * HEAD_DIM + 130 * HEAD_DIM // 32)  # scale and zero point, fp16
     full_precision = (4 + 22) * FP32_BYTES_PER_TOKEN // LAYERS
     assert cache_nbytes(cache) == 3 * LAYERS * (codes + scales + full_precision)

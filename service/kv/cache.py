@@ -38,8 +38,8 @@ class CompressedLayer(DynamicLayer):
         self.length = 0  # logical tokens seen (positions), whatever is held
         self.queries: evict.QueryInfo | None = None  # set by the tap for this prefill
         self.sink_k = self.sink_v = None  # [B, H, S, D] full precision
-        # The quantised body: keys in segments of whole groups (the prompt's may end padded; decoding appends
-        # whole groups), values as one run; for fp8/fp16/bf16 one tensor each.
+        # The quantised body: keys in segments of equal groups (whole `group`s, or what a flush left over as one
+        # shorter group), values as one run; for fp8/fp16/bf16 one tensor each.
         self.key_segments: list = []
         self.body_v = None
         self.body_tokens = 0
@@ -177,14 +177,17 @@ class CompressedLayer(DynamicLayer):
             self.body_v = cast(v) if self.body_v is None else torch.cat([self.body_v, cast(v)], dim=2)
             return
         bits = quantize_bits(p)
-        keys = quantize.quantize_keys(k, bits, p.group)
-        last = self.key_segments[-1] if self.key_segments else None
-        if last is not None and last.tokens == last.packed.shape[2] and keys.tokens == keys.packed.shape[2]:
-            self.key_segments[-1] = quantize.Codes(  # whole groups after whole groups: one segment
-                torch.cat([last.packed, keys.packed], dim=2), torch.cat([last.scale, keys.scale], dim=2),
-                torch.cat([last.zero, keys.zero], dim=2), bits, last.tokens + keys.tokens)
-        else:
-            self.key_segments.append(keys)
+        whole = n // p.group * p.group
+        # Whole groups, then what is left as one shorter group of its own: no padding is ever held.
+        for part in ([k[:, :, :whole]] if whole else []) + ([k[:, :, whole:]] if n > whole else []):
+            keys = quantize.quantize_keys(part, bits, min(p.group, part.shape[2]))
+            last = self.key_segments[-1] if self.key_segments else None
+            if last is not None and _group(last) == _group(keys) == p.group:
+                self.key_segments[-1] = quantize.Codes(  # whole groups after whole groups: one segment
+                    torch.cat([last.packed, keys.packed], dim=2), torch.cat([last.scale, keys.scale], dim=2),
+                    torch.cat([last.zero, keys.zero], dim=2), bits, last.tokens + keys.tokens)
+            else:
+                self.key_segments.append(keys)
         values = quantize.quantize_values(v, bits, min(p.group, v.shape[-1]))
         self.body_v = values if self.body_v is None else quantize.append_values(self.body_v, values)
 
@@ -225,6 +228,11 @@ class CompressedLayer(DynamicLayer):
 
 def quantize_bits(policy: KVPolicy) -> int:
     return int(policy.quant.removeprefix("int"))
+
+
+def _group(keys: quantize.Codes) -> int:
+    """Tokens per key group of a segment (a segment's groups are all the same size)."""
+    return keys.packed.shape[2] // keys.scale.shape[2]
 
 
 def compressed_cache(policy: KVPolicy, config) -> Cache | None:
