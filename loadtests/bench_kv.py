@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=1.0)
     parser.add_argument("--vllm", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)")
+    parser.add_argument("--policy", action="append", type=json.loads, default=None,
+                        help='a policy to run instead of the list (JSON, repeatable); the default is always run first')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     manifest = json.loads((args.kit / "manifest.json").read_text())
@@ -191,7 +193,8 @@ def main() -> None:
     budget = int(args.budget_gib * (1 << 30))
     baseline: dict[str, list[str]] = {}
     results = []
-    for policy in POLICIES:
+    policies = [KVPolicy(), *map(KVPolicy.from_dict, args.policy)] if args.policy else POLICIES
+    for policy in policies:
         started = time.perf_counter()
         row = {"policy": policy.describe(), "spec": policy.as_dict(), "scores": {}, "nfr": {}, "pfr": {},
                "agreement": {}, "recall_by_position": {}}
@@ -240,8 +243,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"kit_hash": manifest["kit_hash"], "budget_gib": args.budget_gib, "full_bytes_per_token": full_bpt,
               "policies": results, "vllm": vllm, "cpu_threads": torch.get_num_threads()}
-    (out_dir / "kv.json").write_text(json.dumps(result, indent=2))
-    plot(results, out_dir / "kv_score_vs_bytes.png")
+    name = "kv" if not args.policy else "kv-extra"
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(results, out_dir / f"{name}_score_vs_bytes.png")
     print()
     header = (f"{'policy':<42} {'B/tok':>7} {'×16b':>5} {'×fp32':>5} " + " ".join(f"{t[:7]:>7}" for t in sets)
               + f" {'early':>6} {'middle':>6} {'late':>6} {'q-first':>7} {'NFR':>5} {'tok/s':>7} {'×tput':>5} "
@@ -255,7 +259,7 @@ def main() -> None:
               f" {p.get('question-first', 0):>7.3f} {r['worst_nfr']:>5.3f} {r['decode_tokens_per_s']:>7} "
               f"{r['throughput_vs_none']:>5} {r['sequences_in_budget']:>7} {r['sequences_vs_none']:>5}")
     print(f"\nvLLM: {json.dumps(vllm)}")
-    print(f"wrote {out_dir / 'kv.json'} and {out_dir / 'kv_score_vs_bytes.png'}")
+    print(f"wrote {out_dir / f'{name}.json'} and {out_dir / f'{name}_score_vs_bytes.png'}")
 
 
 if __name__ == "__main__":
