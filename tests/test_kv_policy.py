@@ -74,7 +74,8 @@ def test_a_policy_change_is_evaluated_gated_applied_and_rolled_back(gw, admin, k
     assert r.status_code == 202, r.text
     job = gw.wait_job(r.headers["location"])
     result = job["result"]
-    assert job["state"] == "succeeded" and result["applied"], result
+    why = {alias: gate["reasons"] for alias, gate in result["gates"].items()}
+    assert job["state"] == "succeeded" and result["applied"], why
     # Every alias on the base, the in-context task among them, compared under both policies.
     assert {"sentiment", "reverse", "qa", "recall"} <= set(result["reports"])
     for alias, report in result["reports"].items():

@@ -20,7 +20,7 @@ from adapters_store.registry import PatchVersion
 from service.evaluation.generation import greedy_generate, perplexity
 from service.evaluation.scoring import answer_text
 from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill
-from service.kv.policy import IDENTITY, KVPolicy
+from service.kv.policy import KVPolicy
 
 hf_logging.disable_progress_bar()  # logs stay quiet by default; job progress is reported on the job
 
@@ -47,9 +47,12 @@ class Evaluator:
         return materialize(self.blobs, version.files, self.work_dir / version.ref)
 
     def run(self, base_path: str, version: PatchVersion | None, prompts: list[str],
-            probe: list[str], kv_policy: KVPolicy = IDENTITY) -> tuple[list[str], float]:
-        """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone),
-        its KV cache kept under `kv_policy`."""
+            probe: list[str], kv_policy: KVPolicy | None = None) -> tuple[list[str], float]:
+        """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone).
+
+        With `kv_policy` its KV cache is kept under that policy, and the probe perplexity is the one a KV cache
+        costs (each text's second half scored against its first half's cache), comparable between policies.
+        """
         return self.with_model(base_path, version, lambda model, tok: self._measure(model, tok, prompts, probe,
                                                                                      kv_policy))
 
@@ -81,8 +84,8 @@ class Evaluator:
                 peft.unload()
                 self._bases[base_path] = (model, tok)
 
-    def _measure(self, model, tok, prompts: list[str], probe: list[str], kv_policy: KVPolicy):
-        cache = (lambda: compressed_cache(kv_policy, model.config)) if not kv_policy.is_identity else None
+    def _measure(self, model, tok, prompts: list[str], probe: list[str], kv_policy: KVPolicy | None):
+        cache = (lambda: compressed_cache(kv_policy, model.config)) if kv_policy is not None else None
         answers = [answer_text(tok, t) for t in greedy_generate(model, tok, prompts, self.max_new_tokens,
                                                                 cache=cache)]
         return answers, perplexity(model, tok, probe, cache=cache)

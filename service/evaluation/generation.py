@@ -52,19 +52,19 @@ def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerFast, texts: list
                cache: Callable[[], object] | None = None) -> float:
     """Token-level perplexity over `texts`, each scored on its own.
 
-    With `cache` (a compressed KV cache's factory), each text's first half is read into the cache and its
-    second half is scored against what the cache kept: the perplexity a compressed cache costs.
+    With `cache` (a KV cache's factory: a compressed one, or None for transformers' own), each text's first half is
+    read into the cache and its second half is scored against what the cache kept — compare two policies this
+    way, both with a factory, so both score the same tokens.
     """
     total_nll, total_tokens = 0.0, 0
     for text in texts:
         ids = torch.tensor([tok(text)["input_ids"]])
-        made = cache() if cache is not None else None
-        if made is None or ids.shape[1] < 4:
+        if cache is None or ids.shape[1] < 4:
             loss = model(input_ids=ids, labels=ids).loss
             n = ids.shape[1] - 1
         else:
             half = ids.shape[1] // 2
-            first = prefill(model, ids[:, :half], made)
+            first = prefill(model, ids[:, :half], cache())
             rest = model(input_ids=ids[:, half:], past_key_values=first.past_key_values, use_cache=True)
             logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1)
             n = ids.shape[1] - half
