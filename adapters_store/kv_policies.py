@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from adapters_store.errors import Conflict, NotFound
+from adapters_store.errors import NotFound
 from adapters_store.registry import Registry
 
 # KEYS: kv, history, audit, bases, aliases.  ARGV: scope, policy, actor, reason, action, now, if_current, channel.
@@ -103,7 +103,8 @@ class KVPolicies:
         return _record(json.loads(raw))
 
     def rollback(self, scope: str, actor: str = "system", reason: str = "") -> KVPolicyRecord:
-        """Restore the policy `scope` had before its last change (twice: back where it started)."""
+        """Restore the policy `scope` had before its last change (the default before the first; twice: back where
+        it started). 409 if the scope changes meanwhile."""
         with self.r.pipeline(transaction=True) as pipe:
             pipe.hget(self._k("kv"), scope)
             pipe.lindex(self._k("kv", scope, "history"), -1)
@@ -112,8 +113,7 @@ class KVPolicies:
             raise NotFound(f"the KV policy of {scope!r} was never set: there is nothing to roll back")
         current = _record(json.loads(raw))
         change = KVPolicyChange(**json.loads(last))
-        if change.from_version == 0:
-            raise Conflict(f"the KV policy of {scope!r} has no previous version to roll back to")
+        # Undoing the first change restores the default ({}: the cache as the model computes it).
         return self.set(scope, change.from_policy or {}, actor, reason, if_version=current.version,
                         action="kv_policy_rollback")
 

@@ -52,6 +52,11 @@ def test_refusals_change_nothing(kv):
     assert _status(lambda: kv.set("nope", {"quant": "int4"})) == (404, "no base or alias nope to set a KV policy on")
     status, message = _status(lambda: kv.set("base-v1", {"quant": "int2"}, if_version=0))
     assert status == 409 and "changed meanwhile" in message
-    assert _status(lambda: kv.rollback("qa"))[0] == 404
-    assert _status(lambda: kv.rollback("base-v1"))[0] == 409  # no previous version
+    assert _status(lambda: kv.rollback("qa"))[0] == 404  # never set: nothing to undo
     assert kv.get("base-v1").version == 1 and len(kv.history("base-v1")) == 1
+
+
+def test_undoing_the_first_change_restores_the_default(kv):
+    kv.set("base-v1", {"quant": "int4"})
+    back = kv.rollback("base-v1")
+    assert (back.version, back.policy, back.action) == (2, {}, "kv_policy_rollback")
