@@ -177,6 +177,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
@@ -187,7 +188,7 @@ class VLLMEngine:
                 stop=list(s.stop) or None, logprobs=s.logprobs, ignore_eos=s.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except ValueError as exc:  # vLLM's VLLMValidationError is one: its own checks of the settings
+        except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks of the settings (0.32: not a ValueError)
             raise RequestRefused(str(exc)) from None
         lora = None
         if request.adapter is not None:
