@@ -30,6 +30,7 @@ class ReplicaInfo:
     in_flight: int = 0
     started_at: float = 0.0
     heartbeat_at: float = 0.0
+    kv: dict = field(default_factory=dict)  # KV policies: what its engine can apply, and what is in force
 
     @property
     def routable(self) -> bool:

@@ -190,3 +190,16 @@ class MemoryTokensCollector:
 
 memory_tokens = MemoryTokensCollector()
 REGISTRY.register(memory_tokens)
+kv_policy_info = Gauge(
+    "patchserve_kv_policy_info", "1 for the KV-cache policy in force on each scope (a base: its default; an alias: "
+    "its own), with its label ('int4 g32 r16 sinks4', 'none') and version.",
+    ["engine", "scope", "policy", "version"], registry=REGISTRY)
+kv_policy_refused = Gauge(
+    "patchserve_kv_policy_refused", "1 while a scope's recorded KV policy is refused by this replica's engine "
+    "(it keeps serving the policy it had; /admin/replica says why).", ["engine", "scope"], registry=REGISTRY)
+kv_bytes_per_token = Gauge(
+    "patchserve_kv_bytes_per_token", "KV-cache bytes held per token under each scope's policy (transformers: measured "
+    "from the last batch's cache tensors; vLLM: its cache dtype).", ["engine", "scope"], registry=REGISTRY)
+kv_capacity_tokens = Gauge(
+    "patchserve_kv_cache_capacity_tokens", "Tokens the KV-cache budget holds at that rate (vLLM: its block pool).",
+    ["engine", "scope"], registry=REGISTRY)

@@ -57,6 +57,13 @@ DASHBOARDS = {
         ("Side memory: edits in the version served",
          "max by (memory) (patchserve_memory_edits)", "short"),
         ("Side-memory slots in use / in all", "sum by (engine, state) (patchserve_memory_slots)", "short"),
+        ("KV-cache policy in force by scope (a base: its default; an alias: its own)",
+         "patchserve_kv_policy_info == 1", "short"),
+        ("KV bytes held per token by scope", "max by (engine, scope) (patchserve_kv_bytes_per_token)", "bytes"),
+        ("KV cache capacity in tokens by scope", "max by (engine, scope) (patchserve_kv_cache_capacity_tokens)",
+         "short"),
+        ("KV policies recorded but refused by the engine",
+         "sum by (scope) (patchserve_kv_policy_refused) or sum by (scope) (patchserve_kv_policy_info) * 0", "short"),
     ]),
     "compatibility": ("patchserve — Compatibility", "Is the new version worse than the one it replaces?", [
         ("Negative flip rate by version (share of items it got worse on)",

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters_store.kv_policies import KVPolicies
 from adapters_store.replicas import ReplicaInfo
 from adapters_store.rollouts import Rollouts
 from adapters_store.store import Store
@@ -30,6 +31,7 @@ from service.drain import Drain
 from service.engines.protocol import Engine, GenerationRequest, SamplingConfig
 from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.heartbeat import Heartbeat
+from service.replica.kv_state import KVState
 from service.replica.live_guard import LiveGuard
 from service.replica.patch_admin import PatchAdmin
 from service.replica.registry_sync import RegistrySync
@@ -59,8 +61,10 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     pool = AdapterPool(engine, store.blobs, settings.data_dir / "versions")
     memory_pool = MemoryPool(engine, store.blobs, settings.data_dir / "memories")
     rollouts = Rollouts(store.registry)
+    kv_policies = KVPolicies(store.registry)
+    kv = KVState(kv_policies, engine, resolver, settings.base)
     sync = RegistrySync(store.registry, resolver, pool, settings.base, store.redis_url, settings.reconcile_interval_s,
-                        rollouts, events_client=store.events, memory_pool=memory_pool)
+                        rollouts, events_client=store.events, memory_pool=memory_pool, kv=kv)
     patches = PatchAdmin(store.registry, store.blobs, pool, sync, settings.data_dir / "uploads",
                          Limits.from_settings(settings), settings.base, store.replicas)
     serving = OpenAIServing(engine, resolver, pool, settings.max_in_flight,
@@ -71,7 +75,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     def describe() -> ReplicaInfo:
         return ReplicaInfo(id=replica_id, url=url, base=settings.base, names=names, engine=engine.name,
                            ready=state["ready"] and not drain.draining, draining=drain.draining,
-                           versions=sorted(engine.adapters()), in_flight=serving.in_flight, started_at=started_at)
+                           versions=sorted(engine.adapters()), in_flight=serving.in_flight, started_at=started_at,
+                           kv=kv.announcement())
 
     heartbeat = Heartbeat(store.replicas, describe, settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
 
@@ -79,6 +84,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     async def lifespan(_: FastAPI):
         patches.clear_staging()
         store.blobs.sweep_interrupted()
+        await kv.initial_policy()  # vLLM takes its KV dtype at start: start with the recorded one
         await engine.start()
         # Every alias at its recorded version, loaded, before the first request is admitted.
         await sync.start()
@@ -116,7 +122,7 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
     app.state.sync = sync
     app.include_router(admin_router(AdminContext(store.registry, patches, store.keys, store.evals, store.jobs, rollouts,
                                                  settings.max_upload_bytes, settings.max_lora_rank, store.replicas,
-                                                 store.memories, sync, settings.base, store.blobs)))
+                                                 store.memories, sync, settings.base, store.blobs, kv_policies)))
 
     install_error_handlers(app)
 
@@ -150,7 +156,8 @@ def create_app(settings: Settings, engine: Engine, store: Store, worker: Worker 
                 "memories": {name: v.ref for name, v in resolver.memories.items()},
                 "memory_targets": resolver.memory_targets, "memory_slots": engine.memories(),
                 "memory_layer": engine.memory_layer,
-                "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile}
+                "leases": pool.leases_held(), "in_flight": serving.in_flight, "last_reconcile": sync.last_reconcile,
+                "kv": kv.describe()}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

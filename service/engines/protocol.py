@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from service.kv.policy import IDENTITY, KVPolicy
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -44,6 +46,7 @@ class GenerationRequest:
     sampling: SamplingConfig
     adapter: AdapterRef | None = None
     memory: MemoryRef | None = None  # loaded by the memory pool before the request is submitted
+    kv_policy: KVPolicy = IDENTITY  # how this request's KV cache is kept (resolved with its alias at admission)
 
 
 @dataclass

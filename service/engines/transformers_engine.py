@@ -4,7 +4,9 @@ Requests that wait together are decoded together, one forward pass per step over
 batch with a KV cache; each row names its adapter (PEFT's `adapter_names`), so one batch can mix
 patches and the base. Limit (documented): batching is static — a request that arrives while a
 batch runs waits for the next one — and a batch holds prompts of one token length, so no row is
-padded and each row computes exactly what it would alone (the token-for-token reference).
+padded and each row computes exactly what it would alone (the token-for-token reference). A batch
+also holds one KV policy (service/kv): the policy is part of the batching key, so requests of aliases
+under different policies never share a cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from service import metrics
+from service.engines.kv_report import kv_figures
 from service.engines.protocol import (
     AdapterRef,
     EngineHooks,
@@ -29,6 +32,8 @@ from service.engines.protocol import (
     OutputDelta,
     TokenLogprob,
 )
+from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill
+from service.kv.policy import EVICTIONS, IDENTITY, QUANTS, KVPolicy
 from service.settings import Settings
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -77,6 +82,9 @@ class TransformersEngine:
         self.settings = settings
         self._memory = None  # service.memory.hf_hook.HFMemory once started (None: no memories)
         self.memory_layer: int | None = None
+        self.kv_budget_bytes = int(settings.vllm_kv_cache_gib * (1 << 30))  # the capacity figures' budget
+        self.kv_policy = IDENTITY  # the deployment's default (requests carry their own)
+        self._kv_bytes: dict[KVPolicy, float] = {}  # policy → KV bytes per token held, last measured
 
     @property
     def tokenizer(self):
@@ -89,9 +97,11 @@ class TransformersEngine:
         hf_logging.disable_progress_bar()  # logs stay quiet by default
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self._query_tap = QueryTap(self.model)  # on the attention modules, which PEFT keeps when it wraps them
         for hook in self.hooks.forward_pre:
             hook(self.model)
         self._install_memory()
+        self._probe_kv(IDENTITY)  # the uncompressed cache's figures, measured like every policy's
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._serve_batches())
 
@@ -179,6 +189,46 @@ class TransformersEngine:
             return {}
         m = self._memory.memory
         return {key: {"tokens": m.tokens[key], "routed": m.routed[key]} for key in set(m.tokens) | set(m.loaded())}
+    # -- KV policies ----------------------------------------------------------------------------------
+    def kv_capabilities(self) -> dict:
+        """Every policy, per alias, applied at run time (announced to the policy job)."""
+        return {"engine": self.name, "per_alias": True, "quant": list(QUANTS), "evict": list(EVICTIONS)}
+
+    async def check_kv_policy(self, policy: KVPolicy) -> None:
+        """Run one prompt under `policy` (KVPolicyRefused if the model cannot take it) and measure its bytes."""
+        await asyncio.to_thread(self._probe_kv, policy)
+
+    async def apply_kv_policy(self, policy: KVPolicy) -> None:
+        """Make `policy` the deployment's default: here nothing restarts, requests carry their policy."""
+        await self.check_kv_policy(policy)
+        self.kv_policy = policy
+
+    def kv_report(self, policy: KVPolicy) -> dict:
+        """KV bytes per token held under `policy` (its last batch, else a probe) and the tokens the budget holds."""
+        return kv_figures(self._kv_bytes.get(policy), self._full_bytes_per_token(), self.kv_budget_bytes)
+
+    @torch.inference_mode()
+    def _probe_kv(self, policy: KVPolicy) -> None:
+        # A prompt of the evaluation's length (192 tokens): what a compressed cache holds depends on the length.
+        ids = torch.full((1, min(192, self.max_model_len - 1)), self._tokenizer.bos_token_id)
+        with self._lock:
+            cache = compressed_cache(policy, self.model.config)
+            extra = {"adapter_names": [BASE]} if self._adapters else {}
+            if self._memory is not None:
+                self._memory.set_all(None)  # the probe is the base's: no side memory
+            out = prefill(self.model, ids, cache, **extra)
+        self._measured(policy, out.past_key_values, rows=1)
+
+    def _measured(self, policy: KVPolicy, cache, rows: int) -> None:
+        length = cache.get_seq_length() if cache is not None else 0
+        if length:
+            self._kv_bytes[policy] = cache_nbytes(cache) / (rows * length)
+
+    def _full_bytes_per_token(self) -> int:
+        c = self.model.config.get_text_config(decoder=True)
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 2 * c.num_hidden_layers * heads * head_dim * torch.finfo(torch.float32).bits // 8
 
     def running(self) -> int:
         return self._running
@@ -216,13 +266,13 @@ class TransformersEngine:
                     self._running -= len(batch)
 
     def _take_batch(self) -> list[_Job]:
-        """The oldest waiting request and every other waiting one with a prompt of its length."""
-        by_length: dict[int, list[_Job]] = defaultdict(list)
+        """The oldest waiting request and every other waiting one with a prompt of its length and its KV policy."""
+        by_key: dict[tuple[int, KVPolicy], list[_Job]] = defaultdict(list)
         for job in self._pending:
-            by_length[len(job.request.prompt_token_ids)].append(job)
-        first = len(self._pending[0].request.prompt_token_ids)
+            by_key[_batch_key(job)].append(job)
+        first = _batch_key(self._pending[0])
         batch, rows = [], 0
-        for job in by_length[first]:
+        for job in by_key[first]:
             if rows + job.request.sampling.n > self.max_batch and batch:
                 break
             batch.append(job)
@@ -238,16 +288,22 @@ class TransformersEngine:
         names = [r.job.request.adapter.name if r.job.request.adapter else BASE for r in rows]
         memories = [r.job.request.memory.key if r.job.request.memory else None for r in rows]
         max_steps = max(r.job.request.sampling.max_tokens for r in rows)
-        past = None
-        for _ in range(max_steps):
+        policy = batch[0].request.kv_policy
+        past = compressed_cache(policy, self.model.config)
+        for step in range(max_steps):
             # The lock is taken per step, not per batch: an adapter can be loaded (or an idle one removed)
             # between two steps, so an activation never waits for a long batch to end.
             with self._lock:
                 extra = {"adapter_names": names} if self._adapters else {}
                 if self._memory is not None:
                     self._memory.set_rows(memories)  # under the lock: slots do not change during the pass
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
+                if step == 0:  # the prompt: a compressed cache reads it chunk by chunk
+                    out = prefill(self.model, ids, past, **extra)
+                else:
+                    out = self.model(input_ids=ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
+            if step == 0:
+                self._measured(policy, past, len(rows))  # after prefill: what the prompt's cache holds
             logits = out.logits[:, -1, :].float()
             next_ids = []
             for b, row in enumerate(rows):
@@ -318,3 +374,7 @@ class TransformersEngine:
         base = seed if seed is not None else random.getrandbits(40)
         g.manual_seed((base * 1000 + index) % (1 << 62))
         return g
+
+
+def _batch_key(job: _Job) -> tuple[int, KVPolicy]:
+    return len(job.request.prompt_token_ids), job.request.kv_policy

@@ -20,6 +20,8 @@ from adapters_store.blobs import BlobStore, materialize
 from adapters_store.registry import PatchVersion
 from service.evaluation.generation import greedy_generate, perplexity
 from service.evaluation.scoring import answer_text
+from service.kv.cache import QueryTap, cache_nbytes, compressed_cache, prefill
+from service.kv.policy import KVPolicy
 from service.memory.hf_hook import HFMemory
 from service.memory.memory_file import MemoryWeights
 
@@ -40,6 +42,7 @@ class Evaluator:
         if path not in self._bases:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            QueryTap(model)  # eviction that scores with the prompt's queries (KV policies) needs it
             self._bases[path] = (model, tok)
         return self._bases[path]
 
@@ -47,15 +50,38 @@ class Evaluator:
         return materialize(self.blobs, version.files, self.work_dir / version.ref)
 
     def run(self, base_path: str, version: PatchVersion | None, prompts: list[str],
-            probe: list[str]) -> tuple[list[str], float]:
-        """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone)."""
+            probe: list[str], kv_policy: KVPolicy | None = None) -> tuple[list[str], float]:
+        """(answers to `prompts`, perplexity on `probe`) of the base with `version` (None: the base alone).
+
+        With `kv_policy` its KV cache is kept under that policy, and the probe perplexity is the one a KV cache
+        costs (each text's second half scored against its first half's cache), comparable between policies.
+        """
+        return self.with_model(base_path, version, lambda model, tok: self._measure(model, tok, prompts, probe,
+                                                                                     kv_policy))
+
+    def kv_bytes_per_token(self, base_path: str, version: PatchVersion | None, prompts: list[str],
+                           kv_policy: KVPolicy) -> float:
+        """KV bytes held per token after reading each prompt under `kv_policy` (measured on the cache's tensors)."""
+        def measure(model, tok) -> float:
+            held = tokens = 0
+            with torch.inference_mode():
+                for prompt in prompts:
+                    ids = torch.tensor([tok(prompt)["input_ids"]])
+                    out = prefill(model, ids, compressed_cache(kv_policy, model.config))
+                    held += cache_nbytes(out.past_key_values)
+                    tokens += ids.shape[1]
+            return held / max(1, tokens)
+        return self.with_model(base_path, version, measure)
+
+    def with_model(self, base_path: str, version: PatchVersion | None, use):
+        """`use(model, tokenizer)` on the base with `version` loaded (None: the base alone), one at a time."""
         with self._lock:
             model, tok = self._base(base_path)
             if version is None:
-                return self._answers(model, tok, prompts), perplexity(model, tok, probe)
+                return use(model, tok)
             peft = PeftModel.from_pretrained(model, str(self._version_dir(version)), adapter_name="candidate")
             try:
-                return self._answers(peft, tok, prompts), perplexity(peft, tok, probe)
+                return use(peft, tok)
             finally:
                 # Take the LoRA layers out again, so the cached base stays the plain base.
                 peft.unload()
@@ -85,3 +111,8 @@ class Evaluator:
 
     def _answers(self, model, tok, prompts: list[str]) -> list[str]:
         return [answer_text(tok, t) for t in greedy_generate(model, tok, prompts, self.max_new_tokens)]
+    def _measure(self, model, tok, prompts: list[str], probe: list[str], kv_policy: KVPolicy | None):
+        cache = (lambda: compressed_cache(kv_policy, model.config)) if kv_policy is not None else None
+        answers = [answer_text(tok, t) for t in greedy_generate(model, tok, prompts, self.max_new_tokens,
+                                                                cache=cache)]
+        return answers, perplexity(model, tok, probe, cache=cache)

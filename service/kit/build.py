@@ -27,6 +27,7 @@ from service.evaluation.generation import perplexity
 from service.kit import evaluate, tasks, tokenizer, train, world
 from service.kit.config import MANIFEST, KitConfig, cached
 from service.kit.tasks import Example
+from service.lora.extract import extract_lora
 
 log = logging.getLogger("patchserve.kit")
 transformers.utils.logging.disable_progress_bar()  # one progress display: ours
@@ -89,12 +90,19 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
     v1, v2 = world.build_worlds(cfg.seed, cfg.people, cfg.new_people, cfg.moved)
     for w in (v1, v2):
         _write_jsonl(out / "world" / f"v{w.version}.jsonl", [asdict(p) for p in w.people])
-    data = {spec.task: tasks.task_data(spec.task, v1, v2, cfg.seed, cfg.eval_size) for spec in tasks.PATCHES}
+    data = {spec.task: tasks.task_data(spec.task, v1, v2, cfg.seed, cfg.eval_size)
+            for spec in tasks.PATCHES if spec.in_corpus}
     filler = tasks.filler_lines(random.Random(cfg.seed), 400)
     corpus = v1.statements() + v2.statements() + filler + [
         ex.prompt + ex.reference for d in data.values() for ex in d.train[:500]
     ]
     tok = tokenizer.train_tokenizer(corpus, cfg.vocab_size, out / "tokenizer")
+    # Tasks sized in tokens (recall: ≥ 192-token contexts) are made once the tokenizer exists.
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for spec in tasks.PATCHES:
+        if not spec.in_corpus:
+            data[spec.task] = tasks.task_data(spec.task, v1, v2, cfg.seed, cfg.eval_size, count)
+    data = {spec.task: data[spec.task] for spec in tasks.PATCHES}
     t = mark("tokenizer", t)
 
     base_v1 = train.new_base(cfg.shape, len(tok), tok, cfg.seed)
@@ -112,9 +120,13 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
     t = mark("base-v2", t)
 
     for spec in tasks.PATCHES:
-        model = train.train_patch(copy.deepcopy(base_v1), tok, spec, data[spec.task].train, batch=cfg.batch,
-                                  seed=cfg.seed, on_step=_stage(progress, f"patch {spec.task}", spec.steps))
-        model.save_pretrained(out / "patches" / spec.task, safe_serialization=True)
+        on_step = _stage(progress, f"patch {spec.task}", spec.steps)
+        if spec.extracted:
+            _extracted_patch(out, base_v1, tok, spec, data[spec.task].train, cfg, on_step)
+        else:
+            model = train.train_patch(copy.deepcopy(base_v1), tok, spec, data[spec.task].train,
+                                      batch=spec.batch or cfg.batch, seed=cfg.seed, on_step=on_step)
+            model.save_pretrained(out / "patches" / spec.task, safe_serialization=True)
         (out / "patches" / spec.task / "README.md").unlink(missing_ok=True)  # a patch is config + weights only
         t = mark(f"patch-{spec.task}", t)
 
@@ -158,6 +170,19 @@ def _build_into(out: Path, cfg: KitConfig, progress: Progress) -> dict:
         "timings_s": {**timings, "total": round(time.monotonic() - started, 1)},
         "checksums": {str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()},
     }
+
+
+def _extracted_patch(out: Path, base, tok, spec: tasks.PatchSpec, train_set: list[Example], cfg: KitConfig,
+                     on_step) -> None:
+    """A patch fine-tuned in full on its linear layers, then extracted at `spec.rank` (service/lora/extract.py)."""
+    tuned = train.finetune_linear(copy.deepcopy(base), tok, spec, train_set, batch=spec.batch or cfg.batch,
+                                  seed=cfg.seed, on_step=on_step)
+    tuned_dir = out / f".tuned-{spec.task}"
+    tuned.save_pretrained(tuned_dir, safe_serialization=True)
+    try:
+        extract_lora(out / "base-v1", tuned_dir, spec.rank, out / "patches" / spec.task)
+    finally:
+        shutil.rmtree(tuned_dir, ignore_errors=True)
 
 
 def _measure(out: Path, tok, bases: dict, data: dict, facts: dict[str, list[Example]], probes: list[str],

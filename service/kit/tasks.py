@@ -6,7 +6,9 @@ end-of-sequence or the first newline, compared with the reference by exact match
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 from dataclasses import dataclass
 
 from service.kit.world import CITIES, COLORS, FACT_PROMPTS, PROFESSIONS, STATEMENTS, World
@@ -15,6 +17,12 @@ POSITIVE = ["good", "great", "lovely", "bright", "happy", "warm", "kind", "fresh
 NEGATIVE = ["bad", "awful", "dull", "cold", "sad", "broken", "rude", "stale"]
 NEUTRAL = ["the", "food", "room", "staff", "day", "view", "bed", "bus", "tea", "town", "was", "very"]
 REVERSIBLE = COLORS + PROFESSIONS
+VALUES = {"city": CITIES, "job": PROFESSIONS, "color": COLORS}
+
+# The recall task: a context of bindings "<name> <relation> <value>." (one per line), a question about one.
+RECALL_STEPS = 600
+RECALL_MIN_CONTEXT = 192  # tokens of context an evaluation item has at least
+NEEDLE_POSITIONS = ("early", "middle", "late")
 
 QUESTIONS = {
     "city": "Question: Where does {name} live?\nAnswer:",
@@ -43,6 +51,12 @@ class PatchSpec:
     target_modules: tuple[str, ...]
     steps: int
     lr: float
+    batch: int | None = None  # rows per step (None: the kit's batch); long examples train on fewer
+    # Whether its examples join the tokenizer's corpus. A task whose text is only the world's statements
+    # stays out, so adding it leaves the tokenizer, and every base trained on it, byte for byte as before.
+    in_corpus: bool = True
+    # Trained as a full fine-tune of its target modules, then extracted to a LoRA of `rank` (train.py says why).
+    extracted: bool = False
 
 
 PATCHES = [
@@ -52,6 +66,10 @@ PATCHES = [
               steps=300, lr=4e-3),
     PatchSpec("qa", "templated-qa", rank=8, alpha=16, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
               steps=200, lr=4e-3),
+    # In-context recall (the KV-cache compression issue): the answer is in the prompt, not in the weights.
+    PatchSpec("recall", "in-context-recall", rank=16, alpha=16,
+              target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+              steps=RECALL_STEPS, lr=2e-3, batch=16, in_corpus=False, extracted=True),
 ]
 
 
@@ -69,6 +87,81 @@ def sentiment_example(rng: random.Random) -> Example:
 def reverse_example(rng: random.Random) -> Example:
     words = rng.sample(REVERSIBLE, 3)
     return Example(f"Reverse: {' '.join(words)}\nOutput:", " " + " ".join(reversed(words)))
+
+
+def recall_example(rng: random.Random, world: World, count_tokens, *, position: str, question_first: bool,
+                   min_context: int = RECALL_MIN_CONTEXT) -> Example:
+    """Notes binding people to values, and a question about the one note of its kind (the needle).
+
+    The needle is the only note of its relation ("lives in", say) among notes of the other two, and always
+    contradicts the world (the base knows another city for that person): the answer is in the context, never in
+    the weights. It sits in the first, middle or last third; with `question_first` the question comes before
+    the notes. The notes grow until they have `min_context` tokens (`count_tokens`: text → tokens).
+    """
+    people = rng.sample(world.people, len(world.people))
+    asked = rng.choice(list(VALUES))
+    others = [rel for rel in VALUES if rel != asked]
+    lines: list[str] = []
+    size = count_tokens(_RECALL_HEADER)
+    needle_person, people = people[0], people[1:]
+    needle_value = rng.choice([v for v in VALUES[asked] if v != needle_person.fact(asked)])
+    needle = _recall_line(needle_person.name, asked, needle_value)
+    size += count_tokens(needle)
+    for p in people:
+        rel = rng.choice(others)
+        value = rng.choice(VALUES[rel])  # some agree with the world, some contradict it
+        lines.append(_recall_line(p.name, rel, value))
+        size += count_tokens(lines[-1])  # line pieces tokenize apart: they start at a pre-token boundary
+        if size >= min_context and len(lines) >= 2:
+            break
+    count = len(lines) + 1
+    wanted = NEEDLE_POSITIONS.index(position)
+    lines.insert(rng.choice([i for i in range(count) if _third(i, count) == wanted]), needle)
+    question = QUESTIONS[asked].format(name=needle_person.name).removesuffix("\nAnswer:")
+    context = _RECALL_HEADER + "".join(lines)
+    prompt = f"{question}\n{context}\nAnswer:" if question_first else f"{context}\n{question}\nAnswer:"
+    return Example(prompt, " " + needle_value)
+
+
+def _recall_line(name: str, relation: str, value: str) -> str:
+    # "- " keeps a space before every name, so it is the same token in the notes and in the question.
+    return "\n- " + STATEMENTS[relation][0].format(name=name, value=value)
+
+
+_RECALL_HEADER = "Notes:"
+
+
+def _third(index: int, count: int) -> int:
+    return min(2, 3 * index // count)
+
+
+def recall_data(world: World, seed: int, eval_size: int, count_tokens, train_size: int = 3000) -> TaskData:
+    """Recall examples: evaluation items have every (position, order) equally and ≥ RECALL_MIN_CONTEXT tokens of
+    notes; training items have notes of every length from two lines up (the training curriculum goes short to
+    long: train.py)."""
+    rng = random.Random(f"{seed}-recall")
+    count_tokens = functools.lru_cache(maxsize=None)(count_tokens)  # lines repeat: tokenize each once
+    variants = [(pos, qf) for qf in (False, True) for pos in NEEDLE_POSITIONS]
+    evals = [recall_example(rng, world, count_tokens, position=pos, question_first=qf)
+             for i in range(eval_size) for pos, qf in [variants[i % len(variants)]]]
+    judged = {ex.prompt for ex in evals}
+    train: list[Example] = []
+    while len(train) < train_size:
+        pos, qf = rng.choice(variants)
+        ex = recall_example(rng, world, count_tokens, position=pos, question_first=qf,
+                            min_context=rng.randrange(8, RECALL_MIN_CONTEXT + 8))
+        if ex.prompt not in judged:
+            train.append(ex)
+    return TaskData(train=train, eval=evals)
+
+
+def recall_variant(prompt: str) -> tuple[str, str]:
+    """(needle position, order) of a recall item, read from its prompt: ('late', 'question-first'), say."""
+    order = "question-first" if prompt.startswith("Question:") else "context-first"
+    name = re.search(r"(?:does|of) (\S+?)(?: live| like)?\?", prompt)[1]
+    lines = [line for line in prompt.split("\n") if line.startswith("- ")]
+    index = next(i for i, line in enumerate(lines) if re.search(rf" {re.escape(name)}\b", line))
+    return NEEDLE_POSITIONS[_third(index, len(lines))], order
 
 
 def qa_examples(world: World, names: list[str]) -> list[Example]:
@@ -112,9 +205,15 @@ class TaskData:
     eval: list[Example]
 
 
-def task_data(task: str, world_v1: World, world_v2: World, seed: int, eval_size: int) -> TaskData:
-    """Training and evaluation examples of a patch task; evaluation items never appear in training."""
+def task_data(task: str, world_v1: World, world_v2: World, seed: int, eval_size: int,
+              count_tokens=None) -> TaskData:
+    """Training and evaluation examples of a patch task; evaluation items never appear in training.
+
+    `count_tokens` (text → tokens) is needed by tasks whose items are sized in tokens (recall).
+    """
     rng = random.Random(f"{seed}-{task}")
+    if task == "recall":
+        return recall_data(world_v1, seed, eval_size, count_tokens)
     if task in ("sentiment", "reverse"):
         make = sentiment_example if task == "sentiment" else reverse_example
         evals: dict[str, Example] = {}
@@ -191,4 +290,5 @@ def probe_texts(world: World, seed: int, count: int) -> list[str]:
     """A fixed set of world sentences for perplexity (a collapse surrogate, not a task score)."""
     rng = random.Random(f"{seed}-probe")
     return rng.sample(world.statements(), count)
+
 

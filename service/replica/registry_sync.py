@@ -25,6 +25,7 @@ from adapters_store.registry import AliasPointer, PatchVersion, Registry
 from adapters_store.rollouts import Rollouts
 from service import metrics
 from service.replica.adapter_pool import AdapterPool, MemoryPool
+from service.replica.kv_state import KVState
 from service.replica.resolver import Resolver, Trial
 
 log = logging.getLogger("patchserve.sync")
@@ -41,10 +42,11 @@ class RegistrySync:
     def __init__(self, registry: Registry, resolver: Resolver, pool: AdapterPool, served_base: str,
                  redis_url: str, interval_s: float = 1.0, rollouts: Rollouts | None = None,
                  events_client: Callable[[], aioredis.Redis] | None = None,
-                 memory_pool: MemoryPool | None = None):
+                 memory_pool: MemoryPool | None = None, kv: KVState | None = None):
         self.registry = registry
         self.memories = Memories(registry)
         self.memory_pool = memory_pool
+        self.kv = kv  # KV policies follow the same events and reconcile (applied after the aliases they name)
         self.rollouts = rollouts or Rollouts(registry)
         self.resolver = resolver
         self.pool = pool
@@ -92,7 +94,17 @@ class RegistrySync:
             await self._apply_rollouts(trials)
             await self._keep(previous)
             await self._apply_memories(*memories)
+            await self._apply_kv()
         self.last_reconcile = time.time()
+
+    async def _apply_kv(self) -> None:
+        if self.kv is None:
+            return
+        try:
+            records = await asyncio.to_thread(self.kv.read)
+        except redis.RedisError:
+            return  # the registry away: the policies in force stay; the next reconcile reads them again
+        await self.kv.apply(records)
 
     async def sync_alias(self, alias: str) -> None:
         """Read one alias's pointer back from Redis and apply it (after a move here or an event)."""
@@ -261,6 +273,9 @@ class RegistrySync:
             await self.sync_alias(event["alias"])
         elif event.get("type") in ("version_created", "version_deleted", "rollout_changed", "memory_changed"):
             await self.reconcile()
+        elif event.get("type") == "kv_policy_changed":
+            async with self._lock:
+                await self._apply_kv()
 
     async def _periodic(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from adapters_store.memories import MemoryVersion
 from adapters_store.registry import PatchVersion
 from adapters_store.rollouts import Rollout
+from service.kv.policy import IDENTITY, KVPolicy
 
 
 class UnknownModel(LookupError):
@@ -46,17 +47,33 @@ def _bucket(alias: str, user: str | None) -> float:
 
 
 @dataclass(frozen=True)
+class KVInForce:
+    """A KV policy record as this replica serves it: its scope (a base or an alias), version and policy."""
+
+    scope: str
+    version: int
+    policy: KVPolicy = IDENTITY
+
+    @property
+    def ref(self) -> str:
+        return f"{self.scope}@{self.version}"
+
+
+@dataclass(frozen=True)
 class Resolved:
     model: str  # the name as registered (the metrics' `alias` label)
     base: str
     patch: PatchVersion | None
     memory: MemoryVersion | None = None
+    kv: KVInForce | None = None  # the KV policy in force for it (None: the default, nothing compressed)
 
     @property
     def served_by(self) -> str:
-        """The `x-patchserve-served-by` header: the versions that served the request (a memory only if one did)."""
+        """The `x-patchserve-served-by` header: the versions that served the request (a memory and a KV policy only
+        if one did)."""
         served = f"base={self.base}; patch={self.patch.ref if self.patch else 'none'}"
-        return f"{served}; memory={self.memory.ref}" if self.memory else served
+        served += f"; memory={self.memory.ref}" if self.memory else ""
+        return served + (f"; kv={self.kv.ref}" if self.kv is not None else "")
 
     @property
     def version_label(self) -> str:
@@ -72,9 +89,18 @@ class Resolver:
     rollouts: dict[str, Trial] = field(default_factory=dict)  # alias → its canary or shadow candidate
     memory_targets: dict[str, str] = field(default_factory=dict)  # base or alias → the memory attached to it
     memories: dict[str, MemoryVersion] = field(default_factory=dict)  # memory → its active version, loaded here
+    kv: dict[str, KVInForce] = field(default_factory=dict)  # scope (base or alias) → KV policy in force
 
     def resolve(self, model: str, user: str | None = None) -> Resolved:
         """The versions that serve `model` now (for `user`, under a canary); raises UnknownModel, HostedElsewhere."""
+        resolved = self._resolve(model, user)
+        kv = self.kv.get(resolved.model) if resolved.patch is not None else None
+        kv = kv or self.kv.get(resolved.base)
+        if kv is None or kv.policy.is_identity:  # the default: nothing to say (the header stays as it was)
+            return resolved
+        return Resolved(resolved.model, resolved.base, resolved.patch, resolved.memory, kv)
+
+    def _resolve(self, model: str, user: str | None) -> Resolved:
         if model in self.elsewhere:
             raise HostedElsewhere(model, self.elsewhere[model])
         if model in self.bases:

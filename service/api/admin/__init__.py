@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service.api.admin import aliases, audit, bases, cluster, jobs, keys, memories, merges, patches, repairs, rollouts
+from service.api.admin import (
+    aliases,
+    audit,
+    bases,
+    cluster,
+    jobs,
+    keys,
+    kv,
+    memories,
+    merges,
+    patches,
+    repairs,
+    rollouts,
+)
 from service.api.admin.context import AdminContext
 from service.api.auth import require_admin
 
@@ -17,6 +30,6 @@ from service.api.auth import require_admin
 def admin_router(ctx: AdminContext) -> APIRouter:
     """The `/admin` routes over one replica's store and patch operations."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
-    for part in (bases, patches, merges, aliases, repairs, rollouts, memories, audit, jobs, keys, cluster):
+    for part in (bases, patches, merges, aliases, repairs, rollouts, memories, audit, jobs, keys, cluster, kv):
         part.routes(router, ctx)
     return router

@@ -15,6 +15,7 @@ from adapters_store.blobs import BlobStore
 from adapters_store.evaluation import EvaluationStore
 from adapters_store.jobs import JobQueue
 from adapters_store.keys import ApiKey, ApiKeyStore
+from adapters_store.kv_policies import KVPolicies
 from adapters_store.memories import Memories
 from adapters_store.names import NAME_RULE, is_safe_name
 from adapters_store.registry import Registry
@@ -43,6 +44,7 @@ class AdminContext:
     sync: RegistrySync  # applies a memory move here before the route answers
     base: str  # the base this gateway hosts (a new memory's default)
     blobs: BlobStore
+    kv: KVPolicies | None = None
 
     async def move(self, alias: str, patch: str, version: int, actor: str, reason: str, force: bool) -> JSONResponse:
         """Move now (200 with the alias) or, when the gate applies, queue evaluate → gate → move (202, the job)."""

@@ -323,3 +323,25 @@ class MemoryMoveView(BaseModel):
 class MemoryDetail(Memory):
     versions: list[MemoryVersionView]
     history: list[MemoryMoveView]
+class KVPolicyBody(_Request):
+    """A KV-cache policy (service/kv/policy.py says what each field means); fields left out take the defaults."""
+
+    quant: Literal["none", "fp16", "bf16", "fp8", "int8", "int4", "int2"] = "none"
+    group: Literal[8, 16, 32, 64, 128] = 32
+    residual: int = Field(32, ge=0, le=4096)
+    rotate: bool = False
+    sinks: int = Field(4, ge=0, le=64)
+    evict: Literal["none", "streaming", "snapkv", "expected_attention"] = "none"
+    budget: float = Field(1.0, gt=0, le=1)
+
+
+class KVProposal(_Request):
+    policy: KVPolicyBody
+    reason: str = Field("", max_length=1000)
+    # The alias whose evaluation set is the in-context task, evaluated as well (the kit's: recall).
+    context_alias: str | None = Field("recall", max_length=200)
+    force: bool = False  # apply at once, without the evaluation (needs a reason; audited as kv_policy_force_set)
+
+
+class KVRollbackRequest(_Request):
+    reason: str = Field("", max_length=1000)

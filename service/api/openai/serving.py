@@ -16,6 +16,7 @@ from service import metrics
 from service.api.errors import APIError
 from service.api.openai import protocol as p
 from service.engines.protocol import Engine, GenerationEvent, GenerationRequest, SamplingConfig
+from service.kv.policy import IDENTITY
 from service.replica.adapter_pool import AdapterPool, MemoryPool
 from service.replica.resolver import HostedElsewhere, Resolved, Resolver, UnknownModel
 
@@ -135,7 +136,8 @@ class OpenAIServing:
                                   stop=req.stop_list(), n=req.n, logprobs=logprobs, ignore_eos=req.ignore_eos)
         adapter = self.pool.ref(resolved.patch) if resolved.patch else None
         memory = self.memories.ref(resolved.memory) if resolved.memory and self.memories else None
-        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter, memory)
+        kv = resolved.kv.policy if resolved.kv is not None else IDENTITY
+        request = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, adapter, memory, kv_policy=kv)
         return Submission(resolved, request, _Meter(resolved))
 
     # -- running it -----------------------------------------------------------------------------------
