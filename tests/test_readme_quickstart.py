@@ -103,7 +103,7 @@ def test_make_serve_answers_the_readme_example(make_serve):
     key = key_file.read_text().strip()
     assert key in log.read_text(), "the first start prints the admin key once"
     aliases = httpx.get(f"{README_URL}/admin/aliases", headers={"authorization": f"Bearer {key}"}).json()
-    assert {a["alias"] for a in aliases} == {"sentiment", "reverse", "qa"}
+    assert {a["alias"] for a in aliases} == {"sentiment", "reverse", "qa", "recall"}
 
 
 def test_start_up_prints_what_a_person_needs_and_no_library_noise(make_serve):

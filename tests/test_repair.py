@@ -92,6 +92,10 @@ def test_an_upgrade_with_repair_moves_every_kit_alias_to_the_new_base(cluster, k
         # perplexity, a region where the ratio swings 1.5–3.5× between trainings that answer alike; its owner
         # accepts up to 4× there (the other aliases keep the default gate).
         assert admin.put("/admin/aliases/reverse/gate", json={"max_perplexity_ratio": 4.0}).status_code == 200
+        # recall's owner takes the carried patch (0.70 → 0.68 on base-v2): its 192-token prompts would cost
+        # the repair minutes here and show nothing the three others do not.
+        assert admin.put("/admin/aliases/recall/gate", json={"max_nfr": 1.0, "min_score_delta": -1.0,
+                                                            "max_perplexity_ratio": 100.0}).status_code == 200
         # An alias whose owner accepts what the carried patch does: it must move as carried, never repaired.
         keep = "keep-carried"
         files = [("files", (f.name, f.read_bytes())) for f in (kit_dir / "patches" / "qa").iterdir()]

@@ -153,7 +153,7 @@ def test_guards_refuse_moves_to_an_unhosted_base_and_names_that_mean_two_things(
         for name in ("base-v2", "tiny"):  # a registered base; a name a live gateway answers to for its base
             taken = admin.post(f"/admin/aliases/{name}/activate", json={"version": 1, "patch": "sentiment"})
             assert taken.status_code == 409 and "name of a base" in taken.json()["error"]["message"], taken.text
-        assert {p["alias"] for p in admin.get("/admin/aliases").json()} == {"sentiment", "reverse", "qa"}
+        assert {p["alias"] for p in admin.get("/admin/aliases").json()} == {"sentiment", "reverse", "qa", "recall"}
 
 
 def test_twenty_base_moves_under_streaming_load_fail_nothing(cluster, kit_dir):

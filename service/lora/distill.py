@@ -95,7 +95,9 @@ def distil(teacher, student, examples: list[tuple[list[int], list[int]]], pad_id
     student.train()
     losses, agreement = [], 0.0
     for step in range(params.steps):
-        if step % params.check_every == 0:
+        # Never before the first steps: a repair is asked for because the carried patch failed its gate,
+        # and a student that already agrees on the sample may still differ where the gate measured.
+        if step and step % params.check_every == 0:
             agreement = _agreement(student, examples[: params.check_examples], pad_id)
             if agreement >= params.stop_at_agreement:
                 break
