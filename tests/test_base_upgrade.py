@@ -126,7 +126,9 @@ def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, manife
             pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
             assert pointers["qa"] == ("qa@2", "base-v2") and pointers["sentiment"] == ("sentiment@1", "base-v1")
 
-        v2 = GatewayProcess(kit_dir, "transformers", tmp_path / "v2", PATCHSERVE_BASE="base-v2", **shared).start()
+        # base-v1's gateway answers to `tiny`: this one takes no other name.
+        v2 = GatewayProcess(kit_dir, "transformers", tmp_path / "v2", PATCHSERVE_BASE="base-v2",
+                            PATCHSERVE_BASE_ALIASES="[]", **shared).start()
         gateways.append(v2)
         assert _served_by(v2, "qa") == (200, "base=base-v2; patch=qa@2")
         assert _served_by(v2, "sentiment") == (421, "base_not_hosted")
