@@ -18,6 +18,7 @@ from service.kv.vllm_mapping import fp8_supported
 from tests.conftest import read_jsonl
 
 BASE = "base-v1"
+KIT_ALIASES = {"sentiment", "reverse", "qa", "recall"}
 FULL_BYTES_PER_TOKEN = 2 * 4 * 2 * 64 * 4  # keys and values, 4 layers, 2 heads of 64, fp32
 
 
@@ -77,10 +78,11 @@ def test_a_policy_change_is_evaluated_gated_applied_and_rolled_back(gw, admin, k
     why = {alias: gate["reasons"] for alias, gate in result["gates"].items()}
     assert job["state"] == "succeeded" and result["applied"], why
     # Every alias on the base, the in-context task among them, compared under both policies.
-    assert {"sentiment", "reverse", "qa", "recall"} <= set(result["reports"])
+    assert KIT_ALIASES <= set(result["reports"])
     for alias, report in result["reports"].items():
         assert {"score_old", "score_new", "nfr", "pfr", "agreement"} <= set(report), alias
-        assert report["bytes_per_token_new"] <= report["bytes_per_token_old"], alias  # short prompts: all in window
+        if alias in KIT_ALIASES:  # aliases other tests left on this gateway may have no evaluation set: no bytes
+            assert report["bytes_per_token_new"] <= report["bytes_per_token_old"], alias  # short: all in window
         assert result["gates"][alias]["passed"]
     recall = result["reports"]["recall"]  # ≥ 192-token contexts: most of each prompt is quantised
     assert recall["bytes_per_token_new"] < recall["bytes_per_token_old"] / 2
