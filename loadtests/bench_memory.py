@@ -111,6 +111,8 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
     rows, applied = [], []
     for size in [s for s in sizes if s > 0]:
         batch = edits[len(applied): len(applied) + size]
+        if not batch:  # fewer edits asked for (--edits) than the schedule holds
+            break
         started = time.perf_counter()
         r = await admin.post(f"/admin/memories/{MEMORY}/edits", json={"edits": batch, "reason": "benchmark"})
         r.raise_for_status()
@@ -149,14 +151,17 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
     await decode_rate(a.url, 16, concurrency)  # warm-up
     for _ in range(3):
         for state, version in (("with", last), ("without", 0)):
-            (await admin.post(f"/admin/memories/{MEMORY}/activate", json={"version": version})).raise_for_status()
+            # a version its gate refused is measured all the same (forced, with a reason)
+            (await admin.post(f"/admin/memories/{MEMORY}/activate", json={
+                "version": version, "force": True, "reason": "benchmark: throughput"})).raise_for_status()
             rates[state].append(await decode_rate(a.url, requests, concurrency))
             print(f"  {state:<7} {rates[state][-1]:.0f} tokens/s", flush=True)
     throughput = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     throughput["ratio"] = round(throughput["with"] / throughput["without"], 3)
 
     print("rollback to before the edits", flush=True)
-    (await admin.post(f"/admin/memories/{MEMORY}/activate", json={"version": last})).raise_for_status()
+    (await admin.post(f"/admin/memories/{MEMORY}/activate", json={
+        "version": last, "force": True, "reason": "benchmark: rollback"})).raise_for_status()
     await asyncio.sleep(2)
     started = time.perf_counter()
     (await admin.post(f"/admin/memories/{MEMORY}/rollback", json={"version": 0, "reason": "benchmark"})
