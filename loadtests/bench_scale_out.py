@@ -217,8 +217,7 @@ async def main() -> None:
                   f"{result['overhead']['throughput_ratio']}× direct", flush=True)
 
             if args.overhead_only:
-                print(json.dumps(result, indent=2))
-                return
+                return write(result, None, None, args.engine)
             print(f"2. {args.moves} base moves and a rolling restart under load, through the router", flush=True)
             b = gateway("v1-b")
             start_v2 = lambda: gateway("v2", PATCHSERVE_BASE="base-v2", PATCHSERVE_SEED_KIT="false",
@@ -231,12 +230,21 @@ async def main() -> None:
             for process in reversed(started):
                 process.stop()
             server.stop()
-    out = REPO / "loadtests" / "results" / f"scale_out_{args.engine}.json"
+    write(result, timeline, phases, args.engine)
+
+
+def write(result: dict, timeline: list[dict] | None, phases: dict | None, engine: str) -> None:
+    """The results file (and, after the operations part, its TTFT plot); prints the figures."""
+    suffix = "" if phases is not None else "_overhead"
+    out = REPO / "loadtests" / "results" / f"scale_out_{engine}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "timeline": timeline}, indent=2) + "\n")
-    plot(timeline, phases, out.with_suffix(".png"))
+    out.write_text(json.dumps({**result, "timeline": timeline or []}, indent=2) + "\n")
+    written = [str(out.relative_to(REPO))]
+    if phases is not None:
+        plot(timeline, phases, out.with_suffix(".png"))
+        written.append(str(out.with_suffix(".png").relative_to(REPO)))
     print(json.dumps(result, indent=2))
-    print(f"written to {out.relative_to(REPO)} and {out.with_suffix('.png').relative_to(REPO)}")
+    print(f"written to {' and '.join(written)}")
 
 
 if __name__ == "__main__":
