@@ -108,6 +108,9 @@ def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, manife
             relaxed = {"max_nfr": 0.5, "min_score_delta": round(qa["base-v2+qa"] - qa["base-v1+qa"] - 0.05, 3),
                        "max_perplexity_ratio": 3.0}
             assert admin.put("/admin/aliases/qa/gate", json=relaxed).status_code == 200
+            # sentiment's owner asks the new base to do better by half the items: it stays on base-v1 whatever
+            # this build's carried patch scores (builds differ: 0.21 to 0.98 seen).
+            assert admin.put("/admin/aliases/sentiment/gate", json={"min_score_delta": 0.5}).status_code == 200
             upgrade = {"name": "base-v2", "version": "kit", "path": str(kit_dir / "base-v2"), "move": True}
             # No gateway hosts base-v2 yet: moving aliases there is refused, and nothing is registered.
             refused = admin.post("/admin/bases", json=upgrade)
@@ -120,9 +123,9 @@ def test_aliases_that_pass_move_and_two_bases_serve_side_by_side(kit_dir, manife
             assert job["state"] == "succeeded", job
             moved = {row["alias"]: row["moved"] for row in job["result"]["aliases"]}
             gates = {row["alias"]: row["gate"] for row in job["result"]["aliases"]}
-            # recall's carried patch sits at its default gate's edge on the kit (0.70 → 0.68): not asserted here.
-            assert {a: moved[a] for a in ("qa", "sentiment", "reverse")} == {"qa": True, "sentiment": False,
-                                                                            "reverse": False}, gates
+            assert moved["qa"] and not moved["sentiment"], gates
+            # The aliases on the default gate move exactly when it passes (which do differs between builds).
+            assert all(moved[a] == gates[a]["passed"] for a in moved), gates
             pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
             assert pointers["qa"] == ("qa@2", "base-v2") and pointers["sentiment"] == ("sentiment@1", "base-v1")
 

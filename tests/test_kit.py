@@ -41,11 +41,15 @@ def test_manifest_checksums_match_files(kit_dir, manifest):
         assert hashlib.sha256((kit_dir / rel).read_bytes()).hexdigest() == digest, rel
 
 
-def test_patches_lift_their_task_by_a_wide_margin(manifest):
+def test_patches_lift_their_task_by_a_wide_margin(kit_dir, manifest):
     tasks = manifest["scores"]["tasks"]
     assert set(tasks) == set(manifest["patches"]) and len(tasks) >= 3
     for task, row in tasks.items():
         assert row[f"base-v1+{task}"] - row["base-v1"] >= 0.4, (task, row)
+        # A patch that always gives the most common answer learned nothing (a build once did: sentiment 0.53).
+        references = [r["reference"] for r in read_jsonl(kit_dir / manifest["patches"][task]["eval"])]
+        majority = max(references.count(r) for r in set(references)) / len(references)
+        assert row[f"base-v1+{task}"] >= majority + 0.2, (task, row, majority)
         # Carried to base-v2 unchanged (PortLLM-style), each patch is measured, whatever it scores.
         assert 0.0 <= row[f"base-v2+{task}"] <= 1.0
 

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from service.kv.policy import KVPolicy
 from service.kv.vllm_mapping import fp8_supported
 from tests.conftest import read_jsonl
 
@@ -201,7 +202,8 @@ def _vllm_fp8_swap(v, admin, fp8: dict) -> None:
     load.start()
     r = admin.post(f"/admin/kv/{BASE}", json={"policy": fp8, "reason": "fp8 on AVX-512", "force": True})
     assert r.status_code == 200, r.text
-    after = until(lambda: (s := kv_view(admin)[BASE])["label"] == "fp8" and s, timeout=300)
+    label = KVPolicy.from_dict(fp8).describe()  # "fp8 r0": every token in fp8, no full-precision window
+    after = until(lambda: (s := kv_view(admin)[BASE])["label"] == label and s, timeout=300)
     load.join()
     assert not errors, errors  # the engine was replaced under load, and no request failed
     assert after["capacity_tokens"] >= 3.9 * before["capacity_tokens"]

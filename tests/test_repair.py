@@ -118,10 +118,15 @@ def test_an_upgrade_with_repair_moves_what_passes_its_gate(cluster, kit_dir, man
         kept = rows["keep-carried"]
         assert kept["gate"]["passed"] and "repair" not in kept and kept["moved"], kept  # no work wasted
         print()
+        repaired_aliases = []
         for alias in KIT_ALIASES:
             row = rows[alias]
+            if row["gate"]["passed"]:  # a carried patch that passes moves as carried (builds differ across CPUs)
+                assert "repair" not in row and row["moved"], row
+                continue
             # The carried patch fails its gate (the kit's base-v2 drifts far), so it was repaired …
-            assert not row["gate"]["passed"] and "repair" in row, row
+            assert "repair" in row, row
+            repaired_aliases.append(alias)
             fixed = row["repair"]
             old, carried, repaired = row["scores"]["base-v1+patch"], row["scores"]["base-v2+patch"], \
                 fixed["score_repaired"]
@@ -142,10 +147,12 @@ def test_an_upgrade_with_repair_moves_what_passes_its_gate(cluster, kit_dir, man
             assert version["origin"] == "repair" and version["base"] == "base-v2"
             assert version["parents"] == [fixed["carried"], row["from"]]
         pointers = {p["alias"]: (p["ref"], p["base"]) for p in admin.get("/admin/aliases").json()}
-        moved = [a for a in KIT_ALIASES if rows[a]["repair"]["moved"]]
-        assert any(rows[a]["repair"]["score_repaired"] > rows[a]["scores"]["base-v2+patch"] for a in KIT_ALIASES)
+        assert repaired_aliases, "the kit's base-v2 drifts far enough that some carried patch needs a repair"
+        moved = [a for a in repaired_aliases if rows[a]["repair"]["moved"]]
+        assert any(rows[a]["repair"]["score_repaired"] > rows[a]["scores"]["base-v2+patch"] for a in repaired_aliases)
         assert all(pointers[a] == (rows[a]["repair"]["repaired"], "base-v2") for a in moved), pointers
-        assert all(pointers[a] == (f"{a}@1", "base-v1") for a in KIT_ALIASES if a not in moved), pointers
+        assert all(pointers[a] == (f"{a}@1", "base-v1") for a in repaired_aliases if a not in moved), pointers
+        assert all(pointers[a] == (rows[a]["ported"], "base-v2") for a in KIT_ALIASES if rows[a]["gate"]["passed"])
         assert pointers["keep-carried"] == (kept["ported"], "base-v2")
 
     (root / "v2").mkdir()

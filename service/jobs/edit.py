@@ -55,10 +55,15 @@ def revoke(ctx: JobContext, job: Job, progress: Progress) -> dict:
         ancestor = ctx.memories.get_version(name, ancestor.parent) if ancestor.parent else None
     base_edits = {e.id for e in ancestor.edits} if ancestor else set()
     keep = [e for e in parent.edits if e.id != edit_id]
+    gone = next(e for e in parent.edits if e.id == edit_id)
     new = [e for e in keep if e.id not in base_edits]
     replay = [e for e in keep if e.id in base_edits]
+    # Training without the edit is not enough: the other edits' relation ("works as a") still reaches the
+    # router on the revoked prompt, and it answered with another edit's target (measured on the kit). So the
+    # revoked prompt and its paraphrases join the texts the memory must stay quiet on.
     return _train_and_register(ctx, job, record.base, name, ancestor, new=new, replay=replay, keep=keep,
-                               parent=parent, added=[], revoked=[edit_id], progress=progress)
+                               parent=parent, added=[], revoked=[edit_id], progress=progress,
+                               quiet=[gone.prompt, *gone.paraphrases])
 
 
 def _memory(ctx: JobContext, name: str):
@@ -82,11 +87,11 @@ def _new_edits(ctx: JobContext, name: str, job: Job) -> list[EditRecord]:
 def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_from: MemoryVersion | None, *,
                         new: list[EditRecord], replay: list[EditRecord], keep: list[EditRecord],
                         parent: MemoryVersion | None, added: list[str], revoked: list[str],
-                        progress: Progress) -> dict:
+                        progress: Progress, quiet: list[str] | None = None) -> dict:
     base_path = ctx.base_path(base)
     asked = [p for e in keep for p in (e.prompt, *e.paraphrases)]
     # A text that asks one of the memory's edits is where it must speak, not stay quiet.
-    irrelevant = [t for t in _irrelevant(ctx, name) if not any(a in t for a in asked)]
+    irrelevant = [t for t in [*(quiet or []), *_irrelevant(ctx, name)] if not any(a in t for a in asked)]
     start = _weights(ctx, train_from) if train_from else None
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
@@ -101,7 +106,7 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
                                        [Edit(e.prompt, e.target) for e in replay], irrelevant,
                                        # a shard's own mask and sampling per version (WISE's knowledge shards)
                                        WiseConfig(seed=(parent.version if parent else 0) + 1),
-                                       progress=lambda f, stage: progress(2 + 58 * f, stage))
+                                       progress=lambda f, stage: progress(2 + 58 * f, stage), quiet=quiet or ())
                 weights = MemoryWeights(trained.delta, trained.threshold, layer)
         progress(60, f"answering {len(keep)} edits with and without the memory")
         report, perplexity_ratio = _report(ctx, base_path, keep, new, weights, progress)

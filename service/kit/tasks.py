@@ -20,7 +20,12 @@ REVERSIBLE = COLORS + PROFESSIONS
 VALUES = {"city": CITIES, "job": PROFESSIONS, "color": COLORS}
 
 # The recall task: a context of bindings "<name> <relation> <value>." (one per line), a question about one.
-RECALL_STEPS = 600
+# Steps and learning rates of the two fragile patches were set on two CPUs (AVX2 and AVX-512: float kernels
+# differ, and so does the base they train on): at 120 steps the sentiment patch scored 1.00 on one and stayed
+# at the majority class (0.53) on the other (600: 1.00); the recall fine-tune at lr 2e-3 found the retrieval
+# circuit on one (0.70) and not on the other (0.33 at 600 steps, 0.30 at 1200; lr 1.5e-3 and 900 steps: 0.72).
+RECALL_STEPS = 900
+RECALL_LR = 1.5e-3
 RECALL_MIN_CONTEXT = 192  # tokens of context an evaluation item has at least
 NEEDLE_POSITIONS = ("early", "middle", "late")
 
@@ -60,7 +65,7 @@ class PatchSpec:
 
 
 PATCHES = [
-    PatchSpec("sentiment", "classification", rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=120, lr=4e-3),
+    PatchSpec("sentiment", "classification", rank=8, alpha=16, target_modules=("q_proj", "v_proj"), steps=600, lr=4e-3),
     PatchSpec("reverse", "transformation", rank=16, alpha=32,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
               steps=300, lr=4e-3),
@@ -69,7 +74,7 @@ PATCHES = [
     # In-context recall (the KV-cache compression issue): the answer is in the prompt, not in the weights.
     PatchSpec("recall", "in-context-recall", rank=16, alpha=16,
               target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
-              steps=RECALL_STEPS, lr=2e-3, batch=16, in_corpus=False, extracted=True),
+              steps=RECALL_STEPS, lr=RECALL_LR, batch=16, in_corpus=False, extracted=True),
 ]
 
 
