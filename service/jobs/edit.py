@@ -106,7 +106,8 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
                                        [Edit(e.prompt, e.target) for e in replay], irrelevant,
                                        # a shard's own mask and sampling per version (WISE's knowledge shards)
                                        WiseConfig(seed=(parent.version if parent else 0) + 1),
-                                       progress=lambda f, stage: progress(2 + 58 * f, stage), quiet=quiet or ())
+                                       progress=lambda f, stage: progress(2 + 58 * f, stage),
+                                       always_quiet=quiet or ())
                 weights = MemoryWeights(trained.delta, trained.threshold, layer)
         progress(60, f"answering {len(keep)} edits with and without the memory")
         report, perplexity_ratio = _report(ctx, base_path, keep, new, weights, progress)

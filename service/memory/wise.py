@@ -151,10 +151,11 @@ def _answered(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
 
 def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None, edits: Sequence[Edit],
                  replay: Sequence[Edit], irrelevant: Sequence[str], config: WiseConfig = WiseConfig(),
-                 progress: Callable[[float, str], None] = lambda p, s: None, quiet: Sequence[str] = ()) -> Trained:
+                 progress: Callable[[float, str], None] = lambda p, s: None,
+                 always_quiet: Sequence[str] = ()) -> Trained:
     """The next memory version: ΔW trained from `parent` on `edits`, keeping `replay`, away from `irrelevant`.
 
-    `quiet`: texts that are among the negatives of every step, not sampled (a revoked edit's prompts).
+    `always_quiet`: texts that are among the negatives of every step, not sampled (a revoked edit's prompts).
     """
     if not edits and not replay:
         raise ValueError("a memory version needs at least one edit")
@@ -183,7 +184,7 @@ def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None,
         steps = 0
         for step in range(config.steps):
             batch_edits = list(edits) + rng.sample(list(replay), min(config.replay, len(replay)))
-            negatives = list(quiet) + rng.sample(list(irrelevant), min(config.negatives, len(irrelevant)))
+            negatives = list(always_quiet) + rng.sample(list(irrelevant), min(config.negatives, len(irrelevant)))
             rows = _rows(tok, batch_edits, negatives, [rng.choice(contexts) for _ in batch_edits])
             logits, norms, _ = _forward(model, hook, rows)
             ce = nn.functional.cross_entropy(logits[rows.answer], rows.labels[rows.answer])
