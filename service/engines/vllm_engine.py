@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -77,6 +78,9 @@ class VLLMEngine:
         # versions (every alias's active and previous one) it would evict versions the adapter pool counts
         # as loaded, and reload them from disk inside an engine step when a request names one.
         max_cpu_loras = max(self.settings.max_loras, self.settings.max_cpu_loras)
+        # vLLM's CPU backend otherwise reserves 92 % of the NUMA node's memory for its cache, and refuses to
+        # start beside anything else; its engine processes read this at spawn. (`serve` sets it too, earlier.)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.vllm_kv_cache_gib))
         memory_args = self._memory_args()
         args = AsyncEngineArgs(
             model=self.model_dir, dtype="float32", enforce_eager=True, enable_lora=True,
