@@ -156,6 +156,10 @@ def test_rollback_brings_back_the_answers_from_before_the_edits(pair, edits, edi
     assert _answers(b, "tiny", _prompts(edits))[0] == before["tiny"]
     with a.admin(key) as admin:  # undo the undo: version 1 again, still resident
         assert admin.post(f"/admin/memories/{MEMORY}/rollback", json={}).json()["version"] == 1
+        # A named rollback may name no memory at all (version 0), as `patchserve admin memories rollback --to 0`.
+        named = admin.post(f"/admin/memories/{MEMORY}/rollback", json={"version": 0, "reason": "none at all"})
+        assert named.status_code == 200 and named.json()["version"] == 0, named.text
+        assert admin.post(f"/admin/memories/{MEMORY}/rollback", json={}).json()["version"] == 1
     _wait(b, key, f"{MEMORY}@1")
 
 

@@ -111,10 +111,10 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
         return view(*await known(name))
 
     @router.post("/memories/{name}/rollback")
-    async def memory_rollback(name: str, body: a.RollbackRequest | None = None,
+    async def memory_rollback(name: str, body: a.MemoryRollbackRequest | None = None,
                               key: ApiKey = Depends(require_admin)) -> a.Memory:
         """Back to the version served before the last move (or a named one): a pointer move, never gated."""
-        body = body or a.RollbackRequest()
+        body = body or a.MemoryRollbackRequest()
         await asyncio.to_thread(memories.rollback, name, body.version, actor_of(key), body.reason)
         await ctx.sync.reconcile()
         return view(*await known(name))

@@ -266,6 +266,10 @@ class MemoryActivateRequest(_Request):
     force: bool = False  # a version whose report failed its gate (needs a reason)
 
 
+class MemoryRollbackRequest(RollbackRequest):
+    version: int | None = Field(None, ge=0)  # 0: back to no memory at all (a patch has no version 0)
+
+
 class MemoryRevokeRequest(_Request):
     edit: str = Field(pattern=r"^e[0-9]+$")
     reason: str = Field("", max_length=1000)
