@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,15 +51,22 @@ class StreamLoad:
             try:
                 async with client.stream("POST", f"{self.url}/v1/completions",
                                          json={"model": self.model, "prompt": self.prompt, "max_tokens": TOKENS,
-                                               "temperature": 0, "stream": True, "ignore_eos": True}) as r:
+                                               "temperature": 0, "stream": True, "ignore_eos": True,
+                                               "stream_options": {"include_usage": True}}) as r:
                     record["served_by"] = r.headers.get("x-patchserve-served-by")
-                    chunks = 0
+                    # Tokens are counted from the usage the answer ends with, not from its events: a busy
+                    # engine merges tokens a slow reader has not taken yet into one event.
+                    tokens, last = 0, ""
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
-                            chunks += 1
                             if record["ttft"] is None:
                                 record["ttft"] = time.perf_counter() - started
-                    record["ok"] = r.status_code == 200 and chunks >= TOKENS
+                            if '"completion_tokens"' in line:
+                                tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
+                        last = line or last
+                    record["ok"] = r.status_code == 200 and tokens >= TOKENS and last == "data: [DONE]"
+                    if not record["ok"]:  # what a failure looked like, for the results file
+                        record["error"] = f"status {r.status_code}, {tokens} tokens, last line {last[:300]!r}"
             except httpx.HTTPError as exc:
                 record["error"] = repr(exc)
             record["ended"] = time.perf_counter()
@@ -93,15 +101,41 @@ def summary(records: list[dict], seconds: float | None = None) -> dict:
     return out
 
 
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU of a process and (unless told not to) its descendants: the gateway's engine runs in
+    children; this process's children are the servers under test, not the load."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *(root.children(recursive=True) if children else [])]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def overhead(gw: GatewayProcess, router: RouterProcess, clients: int, segment_s: float) -> dict:
-    """A/B segments, direct and through the router, same load."""
+    """A/B segments, direct and through the router, same load; and the CPU each process spent per request."""
     by_path = {"direct": [], "router": []}
+    who = {"gateway": gw.proc.pid, "router": router.proc.pid, "load": psutil.Process().pid}
+    cpu = {path: dict.fromkeys(who, 0.0) for path in by_path}
     await StreamLoad(gw.url, "tiny", clients).run_for(5)  # warm-up
     for _ in range(4):
         for path, url in (("direct", gw.url), ("router", router.url)):
+            before = {name: cpu_seconds(pid, name != "load") for name, pid in who.items()}
             by_path[path] += await StreamLoad(url, "tiny", clients).run_for(segment_s)
+            for name, pid in who.items():
+                cpu[path][name] += cpu_seconds(pid, name != "load") - before[name]
             print(f"  {path:<6} segment: {summary(by_path[path][-200:])}", flush=True)
     result = {path: summary(records, 4 * segment_s) for path, records in by_path.items()}
+    for path, records in by_path.items():
+        done = max(1, sum(1 for r in records if r["ok"]))
+        result[path]["cpu_ms_per_request"] = {name: round(1000 * s / done, 2) for name, s in cpu[path].items()}
     d, r = result["direct"], result["router"]
     result["ttft_p50_added_ms"] = round(r["ttft_p50_ms"] - d["ttft_p50_ms"], 2)
     result["throughput_ratio"] = round(r["requests_per_s"] / d["requests_per_s"], 3)
@@ -150,7 +184,8 @@ async def operations(v1: list[GatewayProcess], start_v2, router: RouterProcess, 
     phases["rolling_restart"]["seconds"] = round(time.perf_counter() - started, 1)
     await admin.aclose()
     timeline = [{"t": round(r["started"] - t0, 3), "ttft_ms": round(r["ttft"] * 1000, 1) if r["ttft"] else None,
-                 "ok": r["ok"], "served_by": r["served_by"]} for r in load.records]
+                 "ok": r["ok"], "served_by": r["served_by"], **({"error": r["error"]} if "error" in r else {})}
+                for r in load.records]
     return phases, timeline
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -139,13 +140,19 @@ def router(
     from service.router.app import create_router_app
 
     store = open_store(settings)
-    url = f"http://{host or settings.host}:{port or settings.router_port}"
+    host, port = host or settings.host, port or settings.router_port
+    url = f"http://{host}:{port}"
+    # The router's own endpoints answer on a local socket behind the relay (service/router/app.py).
+    local_socket = str(Path(tempfile.gettempdir()) / f"patchserve-router-{os.getpid()}.sock")
     drain = Drain()
-    app = create_router_app(store.replicas, store.registry, drain,
+    app = create_router_app(store.replicas, store.registry, host, port, local_socket, drain,
+                            close_timeout_s=settings.drain_timeout_s,
                             on_ready=lambda: console.print(f"patchserve router: ready on {url} (Ctrl-C stops it)"))
     console.print(f"patchserve router: gateways announced on {store.redis_url}; serving {url}/v1 and {url}/admin")
-    serve_until_stopped(app, host or settings.host, port or settings.router_port, drain, settings.drain_grace_s,
-                        settings.drain_timeout_s)
+    try:
+        serve_until_stopped(app, host, port, drain, settings.drain_grace_s, settings.drain_timeout_s, uds=local_socket)
+    finally:
+        Path(local_socket).unlink(missing_ok=True)
 
 
 @app.command()

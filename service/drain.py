@@ -61,7 +61,8 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, host: str, port: int, drain: Drain, grace_s: float, timeout_s: float) -> None:
-    """Run `app` until SIGINT, or SIGTERM and its drain."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=timeout_s)
+def serve(app, host: str, port: int, drain: Drain, grace_s: float, timeout_s: float, uds: str | None = None) -> None:
+    """Run `app` on (host, port), or on the Unix socket `uds`, until SIGINT, or SIGTERM and its drain."""
+    config = uvicorn.Config(app, host=host, port=port, uds=uds, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=timeout_s)
     DrainingServer(config, drain, grace_s).run()

@@ -1,9 +1,12 @@
-"""The router's app: /v1 and /admin forwarded to the right gateway; its own health, readiness, metrics and model list.
+"""The router: /v1 and /admin relayed to the right gateway (proxy.py); its own health, readiness, metrics, models.
 
 Why a router tier and not one gateway hosting several bases: each base's engine is its own set of
 processes (vLLM spawns them) with its own memory, so per-base gateways scale, restart and fail apart,
 one Deployment each on Kubernetes; the router holds no state but a view of Redis, costs one local
-hop (measured: loadtests/bench_router.py), and any number of routers can run side by side.
+hop (measured: loadtests/bench_scale_out.py), and any number of routers can run side by side.
+
+The app below answers the router's own endpoints on a local socket; the relay (proxy.Relay) owns
+the public port, started and stopped with the app, so a drain stops it after the app is not ready.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,33 +24,28 @@ from adapters_store.registry import Registry
 from adapters_store.replicas import ReplicaDirectory
 from service import metrics
 from service.drain import Drain
-from service.router.proxy import Forwarder
+from service.router.proxy import Relay
 from service.router.table import RoutingTable
 
-_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 
-
-def create_router_app(directory: ReplicaDirectory, registry: Registry, drain: Drain | None = None,
-                      refresh_s: float = 0.25, on_ready=None) -> Starlette:
-    """The router over the replicas announced in `directory` and the aliases in `registry`."""
+def create_router_app(directory: ReplicaDirectory, registry: Registry, host: str, port: int, local_socket: str,
+                      drain: Drain | None = None, refresh_s: float = 0.25, close_timeout_s: float = 30.0,
+                      on_ready=None) -> Starlette:
+    """The router over the replicas announced in `directory` and the aliases in `registry`, listening on
+    (host, port); serve the returned app on the Unix socket `local_socket`."""
     drain = drain or Drain()
     table = RoutingTable(directory, registry, refresh_s)
-    forwarder = Forwarder(table, None)
+    relay = Relay(table, local_socket)
 
     @asynccontextmanager
     async def lifespan(_):
-        # No read timeout: a generation may take minutes; a client that leaves closes it instead.
-        # Raw bytes both ways: the gateway's encoding and framing pass through untouched.
-        client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
-                                       connector=aiohttp.TCPConnector(limit=2048, force_close=False),
-                                       auto_decompress=False, skip_auto_headers=("User-Agent",))
-        forwarder.client = client
         await table.start()
+        await relay.start(host, port)
         if on_ready is not None:
             on_ready()
         yield
+        await relay.close(close_timeout_s)
         await table.stop()
-        await client.close()
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -82,9 +79,7 @@ def create_router_app(directory: ReplicaDirectory, registry: Registry, drain: Dr
                                           for r in table.view.replicas]})
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", prometheus),
-              Route("/router", view), Route("/v1/models", models),
-              Route("/v1/{rest:path}", forwarder.forward, methods=_METHODS),
-              Route("/admin/{rest:path}", forwarder.forward, methods=_METHODS)]
+              Route("/router", view), Route("/v1/models", models)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.table = table
     return app
