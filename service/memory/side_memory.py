@@ -82,21 +82,29 @@ class SideMemory(nn.Module):
     def loaded(self) -> list[str]:
         return [k for k in self.keys if k is not None]
 
-    def forward(self, h: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor | int) -> torch.Tensor:
         """`out` (the layer's output for inputs `h`, tokens flattened) with each token's memory added where routed.
 
-        `token_slots` gives each token's slot (NO_SLOT: none). Tokens are grouped by slot, so a batch
-        that mixes memory versions costs one small matmul per version present.
+        `token_slots` gives each token's slot (NO_SLOT: none), or is one slot for every token — the common
+        case (one memory on the base), which skips the grouping: this runs at every step of every request,
+        and on a small model its per-call overhead was a measurable share of decode time. Otherwise tokens
+        are grouped by slot, so a batch that mixes memory versions costs one small matmul per version present.
         """
+        if isinstance(token_slots, int):
+            return out if token_slots == NO_SLOT else self._add(h, out, token_slots)
         if not bool((token_slots != NO_SLOT).any()):
             return out
         out = out.clone()
         for slot in torch.unique(token_slots[token_slots != NO_SLOT]).tolist():
             rows = torch.nonzero(token_slots == slot, as_tuple=True)[0]
-            d = h[rows] @ self.deltas[slot].T
-            routed = torch.linalg.vector_norm(d, dim=-1) >= self.thresholds[slot]
-            out[rows[routed]] += d[routed].to(out.dtype)
-            key = self.keys[slot]
-            self.tokens[key] += len(rows)
-            self.routed[key] += int(routed.sum())
+            out[rows] = self._add(h[rows], out[rows], slot)
         return out
+
+    def _add(self, h: torch.Tensor, out: torch.Tensor, slot: int) -> torch.Tensor:
+        """`out` plus slot `slot`'s ΔW·h on the tokens whose ‖ΔW·h‖ reaches its threshold (all tokens in `slot`)."""
+        d = h @ self.deltas[slot].T
+        routed = torch.linalg.vector_norm(d, dim=-1) >= self.thresholds[slot]
+        key = self.keys[slot]
+        self.tokens[key] += len(routed)
+        self.routed[key] += int(routed.sum())
+        return out + d.to(out.dtype) * routed.unsqueeze(-1)

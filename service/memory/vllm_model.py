@@ -41,8 +41,9 @@ class MemoryMLP(nn.Module):
         slots = self._token_slots(out.shape[0])
         return out if slots is None else self.side_memory(h, out, slots)
 
-    def _token_slots(self, num_tokens: int) -> torch.Tensor | None:
-        """Each token's slot in this forward pass, from the runner's batch; None when no token has a memory."""
+    def _token_slots(self, num_tokens: int) -> torch.Tensor | int | None:
+        """Each token's slot in this forward pass, from the runner's batch (one int when every request has the
+        same); None when no token has a memory."""
         runner = self.runner
         if runner is None or not self.side_memory.loaded():
             return None
@@ -56,9 +57,10 @@ class MemoryMLP(nn.Module):
             state = runner.requests.get(req_id)
             extra = (state.sampling_params.extra_args or {}) if state and state.sampling_params else {}
             slots.append(self.side_memory.slot_of(extra.get(EXTRA_ARG)))
+        first = slots[0]
+        if all(slot == first for slot in slots):
+            return None if first == NO_SLOT else first
         slots = torch.tensor(slots, dtype=torch.long)
-        if bool((slots == NO_SLOT).all()):
-            return None
         return slots.repeat_interleave((starts[1:] - starts[:-1]).long())
 
 
