@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import httptools
 
 # Hop-by-hop headers (RFC 9110 §7.6.1), and the framing the router sets itself on the way up.
+IDLE_TIMEOUT_S = 60.0  # a client connection with no request in flight for this long is closed
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
               b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"}
 
@@ -84,12 +85,16 @@ class ClientConnection(asyncio.Protocol):
         self.body_sink: Callable[[bytes | None], None] | None = None  # a streamed body's next piece (None: end)
         self.upstream: UpstreamConnection | None = None  # the gateway connection answering now
         self.closed = False
+        self._idle: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self._wait_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # refused: the rest of what it sends is not read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -99,6 +104,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
         if self.upstream is not None:
             self.upstream.abort()  # the gateway sees the disconnect and stops generating
         self.on_closed(self)
@@ -114,6 +121,9 @@ class ClientConnection(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.request = Request()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def on_url(self, url: bytes) -> None:
         self.request.url += url
@@ -139,6 +149,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         request = self.request
+        if self.closed:
+            return
         if request.streamed:
             if self.body_sink is not None:
                 self.body_sink(body)
@@ -182,10 +194,19 @@ class ClientConnection(asyncio.Protocol):
             self._start(self.queue.pop(0))
         else:
             self.transport.resume_reading()
+            self._wait_idle()
+
+    def _wait_idle(self) -> None:
+        self._idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self.busy and self.request is None and not self.closed:
+            self.transport.close()
 
     def refuse(self, status: int, reason: str, message: bytes) -> None:
         """Answer an unreadable request and close (the stream's framing can no longer be trusted)."""
         if not self.closed:
+            self.closed = True  # nothing more is read from it or written to it
             body = (b'{"error": {"message": "%s", "type": "invalid_request_error", "param": null, "code": null}}'
                     % message)
             self.transport.write(http_response(status, reason, body, close=True))
