@@ -218,7 +218,8 @@ class Relay:
             if target == _LOCAL:
                 connecting = loop.create_unix_connection(lambda: UpstreamConnection(target), self.local_socket)
             else:
-                connecting = loop.create_connection(lambda: UpstreamConnection(target), parts.hostname, parts.port)
+                connecting = loop.create_connection(lambda: UpstreamConnection(target), parts.hostname,
+                                                    parts.port or 80)
             _, conn = await asyncio.wait_for(connecting, self.connect_s)
         except (OSError, asyncio.TimeoutError) as exc:
             raise _Refused(target) from exc
