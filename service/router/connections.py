@@ -16,6 +16,7 @@ passing them on (a 421 is retried, not relayed) and where they end (so the conne
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,12 @@ class Request:
         elif self.body or self.method in (b"POST", b"PUT", b"PATCH"):
             lines.append(b"content-length: %d" % len(self.body))
         return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def error_body(status: int, message: str, code: str | None) -> bytes:
+    """An OpenAI-shaped error, like the gateways' own."""
+    return json.dumps({"error": {"message": message, "param": None, "code": code,
+                                 "type": "invalid_request_error" if status < 500 else "server_error"}}).encode()
 
 
 def http_response(status: int, reason: str, body: bytes, content_type: bytes = b"application/json",
@@ -98,9 +105,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.refuse(400, "Bad Request", b"protocol upgrades are not supported")
+            self.refuse(400, "Bad Request", "protocol upgrades are not supported")
         except httptools.HttpParserError:
-            self.refuse(400, "Bad Request", b"malformed HTTP request")
+            self.refuse(400, "Bad Request", "malformed HTTP request")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -145,7 +152,7 @@ class ClientConnection(asyncio.Protocol):
             request.streamed = True
             self._start(request)
         elif (request.content_length or 0) > self.max_buffered:
-            self.refuse(413, "Payload Too Large", b"the request body is larger than %d bytes" % self.max_buffered)
+            self.refuse(413, "Payload Too Large", f"the request body is larger than {self.max_buffered} bytes")
 
     def on_body(self, body: bytes) -> None:
         request = self.request
@@ -159,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
             return
         request.body += body
         if len(request.body) > self.max_buffered:
-            self.refuse(413, "Payload Too Large", b"the request body is larger than %d bytes" % self.max_buffered)
+            self.refuse(413, "Payload Too Large", f"the request body is larger than {self.max_buffered} bytes")
 
     def on_message_complete(self) -> None:
         request, self.request = self.request, None
@@ -203,13 +210,11 @@ class ClientConnection(asyncio.Protocol):
         if not self.busy and self.request is None and not self.closed:
             self.transport.close()
 
-    def refuse(self, status: int, reason: str, message: bytes) -> None:
+    def refuse(self, status: int, reason: str, message: str) -> None:
         """Answer an unreadable request and close (the stream's framing can no longer be trusted)."""
         if not self.closed:
             self.closed = True  # nothing more is read from it or written to it
-            body = (b'{"error": {"message": "%s", "type": "invalid_request_error", "param": null, "code": null}}'
-                    % message)
-            self.transport.write(http_response(status, reason, body, close=True))
+            self.transport.write(http_response(status, reason, error_body(status, message, None), close=True))
             self.transport.close()
 
 

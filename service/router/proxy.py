@@ -25,7 +25,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from service import metrics
-from service.router.connections import ClientConnection, Request, UpstreamConnection, http_response
+from service.router.connections import ClientConnection, Request, UpstreamConnection, error_body, http_response
 from service.router.table import RoutingTable
 
 MAX_BUFFERED = 16 << 20  # an inference body is held whole (to find `model`, and to send it again); uploads stream
@@ -33,12 +33,6 @@ _ALIAS_PATH = "/admin/aliases/"
 REPLICA_HEADER = "x-patchserve-replica"
 _LOCAL = "local"
 log = logging.getLogger("patchserve.router")
-
-
-def error_body(status: int, message: str, code: str) -> bytes:
-    """An OpenAI-shaped error, like the gateways' own."""
-    return json.dumps({"error": {"message": message, "param": None, "code": code,
-                                 "type": "invalid_request_error" if status < 500 else "server_error"}}).encode()
 
 
 class _Refused(Exception):
