@@ -75,7 +75,8 @@ def test_eviction_holds_the_budget_and_keeps_true_positions(model, prompt, refer
     assert cache.get_seq_length() == 150 + 6  # the logical length: the next token's position
     assert layer.get_mask_sizes(1) == (75 + 6 + 1, 150 - 75)
     assert not torch.equal(logits, reference[1])  # something was dropped, and it shows
-    # bytes per token: what is held, over the tokens seen
+    # bytes per token: what is held, over the tokens seen; eviction alone keeps the model's own dtype
+    assert layer.tail_k.dtype == layer.sink_k.dtype == torch.float32
     assert cache_nbytes(cache) == (75 + 6) * FP32_BYTES_PER_TOKEN * 3
 
 
@@ -109,7 +110,8 @@ def test_integer_caches_hold_packed_codes_and_fp16_scales(model, prompt, referen
     # The measured bytes are the sum of the parts: a check of the accounting, not of a formula.
     codes = (130 + 130) * HEADS * HEAD_DIM * bits // 8
     scales = 2 * 2 * HEADS * (5 * HEAD_DIM + 130 * HEAD_DIM // 32)  # scale and zero point, fp16
-    full_precision = (4 + 22) * FP32_BYTES_PER_TOKEN // LAYERS
+    assert layer.sink_k.dtype == layer.tail_v.dtype == torch.float16  # the fp32 model's sinks and window at 16 bits
+    full_precision = (4 + 22) * FP32_BYTES_PER_TOKEN // LAYERS // 2
     assert cache_nbytes(cache) == 3 * LAYERS * (codes + scales + full_precision)
     if bits == 8:
         assert (logits - reference[1]).abs().max() < 0.05  # 8 bits: close to exact

@@ -1,13 +1,15 @@
 """The compressed KV cache: one cache layer class plugged into transformers' own `DynamicCache` (not a fork).
 
-A layer holds, per row and KV head: the sinks (first tokens) at full precision, a body of quantised tokens,
-and a tail of the most recent tokens at full precision (KIVI's residual; keys are flushed to the body a group
-of tokens at a time, since their scales span a group of tokens). A prompt is read in chunks (`prefill`):
-each chunk attends to what the cache kept of the earlier ones, then is evicted to the budget and quantised —
-the cache never holds the prompt uncompressed, and what compression costs shows in the prompt's own answer
-(read in one pass, a prompt would answer its first token from exact attention, whatever the policy). The
-layer keeps the logical length apart from what it holds (as transformers' sliding-window layer does:
-`get_seq_length` and `get_mask_sizes`), so new tokens keep their true positions.
+A layer holds, per row and KV head: the sinks (first tokens) at 16 bits, a body of compressed tokens, and a tail
+of the most recent tokens at 16 bits (KIVI's residual; keys are flushed to the body a group of tokens at a time,
+since their scales span a group of tokens). "16 bits" is what the ratios are quoted against: a 16-bit model's own
+precision, fp16 for a wider (fp32) model — the fp16 cache changes no answer on the kit — so a window token costs
+4× an int4 one, not 8×. A policy that only evicts keeps the model's dtype: it changes nothing but which tokens.
+A prompt is read in chunks (`prefill`): each chunk attends to what the cache kept of the earlier ones, then is
+evicted to the budget and quantised — the cache never holds the prompt uncompressed, and what compression costs
+shows in the prompt's own answer (read in one pass, a prompt would answer its first token from exact attention,
+whatever the policy). The layer keeps the logical length apart from what it holds (as transformers'
+sliding-window layer does: `get_seq_length` and `get_mask_sizes`), so new tokens keep their true positions.
 
 Scores that need the queries (snapkv, expected_attention) come from a forward pre-hook on each attention
 module (`QueryTap`): it recomputes the prompt's queries with the module's own q_proj (LoRA included) and hands
@@ -48,6 +50,7 @@ class CompressedLayer(DynamicLayer):
     # -- transformers' layer interface ----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.hold_dtype = _hold_dtype(self.policy, self.dtype)
         d = key_states.shape[-1]
         if self.policy.rotate:
             try:
@@ -73,18 +76,19 @@ class CompressedLayer(DynamicLayer):
         if first:
             k, v = self._evict(key_states, value_states, first=True)
             s = min(self.policy.sinks, k.shape[2]) if self._keeps_sinks else 0
+            k, v = k.to(self.hold_dtype), v.to(self.hold_dtype)
             self.sink_k, self.sink_v = k[:, :, :s], v[:, :, :s]
             self.tail_k, self.tail_v = k[:, :, s:], v[:, :, s:]
             self._flush(prefill=True)
             return key_states, value_states
         before = self.tail_k.shape[2]
-        self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
-        self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
+        self.tail_k = torch.cat([self.tail_k, key_states.to(self.hold_dtype)], dim=-2)
+        self.tail_v = torch.cat([self.tail_v, value_states.to(self.hold_dtype)], dim=-2)
         keys, values = self._held()
         if new > 1:  # a later chunk of the prompt: evicted to the budget, then flushed like the first
             k, v = self._evict(key_states, value_states, first=False)
-            self.tail_k = torch.cat([self.tail_k[:, :, :before], k], dim=-2)
-            self.tail_v = torch.cat([self.tail_v[:, :, :before], v], dim=-2)
+            self.tail_k = torch.cat([self.tail_k[:, :, :before], k.to(self.hold_dtype)], dim=-2)
+            self.tail_v = torch.cat([self.tail_v[:, :, :before], v.to(self.hold_dtype)], dim=-2)
             self._flush(prefill=True)
         else:
             self._flush()
@@ -165,10 +169,10 @@ class CompressedLayer(DynamicLayer):
         n = (self.tail_k.shape[2] - p.residual) // step * step
         if n <= 0:
             return
-        k, v = self.tail_k[:, :, :n], self.tail_v[:, :, :n]
+        k, v = self.tail_k[:, :, :n].float(), self.tail_v[:, :, :n].float()
         self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
         if p.rotate:
-            k, v = k.float() @ self._rotation, v.float() @ self._rotation
+            k, v = k @ self._rotation, v @ self._rotation
         self.body_tokens += n
         if not p.quant.startswith("int"):
             cast = quantize.to_fp8 if p.quant == "fp8" else (lambda x: x.to(_CAST[p.quant]))
@@ -224,6 +228,14 @@ class CompressedLayer(DynamicLayer):
         if keys.dtype != self.dtype:
             return keys.to(self.dtype), values.to(self.dtype)
         return keys, values
+
+
+def _hold_dtype(policy: KVPolicy, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the sinks and the window: 16 bits under any compression (bf16 for a bf16 policy), never wider
+    than the model's own; the model's dtype when nothing is compressed (eviction alone)."""
+    if policy.quant == "none" or model_dtype.itemsize <= 2:
+        return model_dtype
+    return torch.bfloat16 if policy.quant == "bf16" else torch.float16
 
 
 def quantize_bits(policy: KVPolicy) -> int:

@@ -30,9 +30,10 @@ class KVPolicy:
       values per token over `group` channels (KIVI), min/zero-point and scale in fp16; fp8: e4m3, unscaled
       (as vLLM's fp8 cache); fp16/bf16: a cast.
     group: tokens (keys) and channels (values) sharing one scale.
-    residual: the most recent tokens kept at full precision (KIVI's window; keys are flushed a group at a time).
+    residual: the most recent tokens kept at 16 bits (KIVI's window; keys are flushed a group at a time).
     rotate: a Hadamard rotation of keys and values before quantising (RotateKV): outliers spread over channels.
-    sinks: the first tokens, always kept and at full precision (StreamingLLM's attention sinks).
+    sinks: the first tokens, always kept and at 16 bits (StreamingLLM's attention sinks). "16 bits": the model's
+      dtype where it is 16-bit, fp16 for an fp32 model (bf16 under a bf16 policy).
     evict: which prompt tokens are dropped at prefill: streaming (sinks + most recent), snapkv (attention of
       the prompt's last queries), expected_attention (attention expected of future queries; kvpress).
     budget: the share of the prompt's tokens kept when evicting (0.5: 50 % eviction).
