@@ -58,9 +58,15 @@ def build(out: Path, config: KitConfig = KitConfig(), *, force: bool = False, sh
 
 def _stage(progress: Progress, name: str, total: int):
     task = progress.add_task(name, total=total, info="")
+    # Off a terminal (CI logs, a pipe) rich draws no bar until the end: a line per quarter shows it is alive.
+    lines = not progress.console.is_terminal and not progress.disable
+    started = time.monotonic()
 
     def on_step(step: int, loss: float) -> None:
         progress.update(task, completed=step + 1, info=f"loss {loss:.3f}")
+        if lines and (step + 1) * 4 // total > step * 4 // total:
+            progress.console.print(f"kit: {name} {step + 1}/{total} loss {loss:.3f} "
+                                   f"({time.monotonic() - started:.0f} s)")
 
     return on_step
 
@@ -190,6 +196,8 @@ def _measure(out: Path, tok, bases: dict, data: dict, facts: dict[str, list[Exam
     """Exact-match scores of each base, alone and with each patch carried unchanged, and probe perplexity."""
     jobs = len(bases) * (len(data) * 2 + 2)
     task = progress.add_task("evaluation", total=jobs, info="")
+    if not progress.console.is_terminal and not progress.disable:
+        progress.console.print("kit: evaluation of every base and patch")
     scores: dict = {"tasks": {}, "facts": {}, "probe_perplexity": {}}
     for base_name, base in bases.items():
         for fact_set, exs in facts.items():
