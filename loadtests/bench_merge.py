@@ -9,9 +9,10 @@ PEFT adapter), and the merged adapter answers each task's evaluation set greedil
 merged score over the source patch's own score on that set. Also the energy the rank keeps and the
 merge time. Then TALL storage of the same merge (service/lora/tall.py): each source rebuilt as
 m_t ⊙ τ_MTL with its mask at `--lam`, written at `--rank`, answers its own task; and the bytes of that
-storage against the patch files and against dense ΔWs. "Why" (unless --no-why): each layer's ΔW norm
-relative to the base weight and the cosine between sources, linear merges at weights 1, 1/2, 1/3,
-untruncated, and of each pair, and TALL (of linear and TIES) at λ from 0.2 to 1.
+storage against the patch files and against dense ΔWs. Then the fitted TALL storage (the job's default:
+one shared ΔW and the masks fitted to rebuild every source with the same relative error). "Why" (unless
+--no-why): each layer's ΔW norm relative to the base weight and the cosine between sources, linear merges
+at weights 1, 1/2, 1/3, untruncated, and of each pair, and TALL (of linear and TIES) at λ from 0.2 to 1.
 
 Writes loadtests/results/merge.json and merge.png; prints the tables.
 """
@@ -39,7 +40,7 @@ from service.evaluation.scoring import answer_text, exact_match  # noqa: E402
 from service.lora.factors import adapter_deltas, write_adapter  # noqa: E402
 from service.lora.merge import merge_deltas  # noqa: E402
 from service.lora.params import METHODS, MergeParams  # noqa: E402
-from service.lora.tall import mask_bytes, merged_bytes, reconstruct, tall_masks  # noqa: E402
+from service.lora.tall import fitted_storage, mask_bytes, merged_bytes, reconstruct, tall_masks  # noqa: E402
 
 TASKS = ("sentiment", "reverse", "qa")
 FULL_RANK = 128  # the kit's hidden size: a rank-128 adapter holds any of its ΔWs exactly
@@ -94,6 +95,21 @@ def tall_row(bench: Bench, sources: list[dict], merged: dict, lam: float, rank: 
     kept = retention(scores, own)
     return {"lam": lam, "rank": rank, "scores": scores, "retention": kept, "min_retention": least(kept),
             "mask_density": dict(zip(TASKS, (round(d, 4) for d in found.density))),
+            "bytes": {"merged_delta": dense, "masks": masks, "tall": dense + masks}}
+
+
+def fitted_row(bench: Bench, sources: list[dict], rank: int, own: dict) -> dict:
+    """Each source rebuilt from the fitted TALL storage (no merge method: the shared ΔW is fitted) and scored."""
+    started = time.perf_counter()
+    fit = fitted_storage(sources)
+    fit_s = time.perf_counter() - started
+    scores = {t: bench.score(reconstruct(fit.shared, mask), rank, [t])[0][t]
+              for t, mask in zip(TASKS, fit.masks.masks)}
+    kept = retention(scores, own)
+    dense, masks = len(merged_bytes(fit.shared)), sum(len(mask_bytes(m)) for m in fit.masks.masks)
+    return {"method": "fitted", "rank": rank, "scores": scores, "retention": kept, "min_retention": least(kept),
+            "fit_s": round(fit_s, 2), "relative_error": dict(zip(TASKS, fit.relative_error)),
+            "mask_density": dict(zip(TASKS, (round(d, 4) for d in fit.masks.density))),
             "bytes": {"merged_delta": dense, "masks": masks, "tall": dense + masks}}
 
 
@@ -158,9 +174,11 @@ def plot(results: dict, path: Path) -> None:
             xs = [i + (k + 3 * n) * width - 2.5 * width for i in range(len(methods))]
             ax.bar(xs, [r["retention"][t] for r in rows], width, color=f"C{k}", hatch=hatch, edgecolor="white",
                    label=f"{t}, {'one merged adapter' if n == 0 else 'rebuilt from TALL storage'}")
+        ax.bar(len(methods) + (k - 1) * width, results["tall_fitted"]["retention"][t], width, color=f"C{k}",
+               hatch="//", edgecolor="white")
     ax.axhline(0.95, color="black", lw=0.8, ls="--")
     ax.text(len(methods) - 0.5, 0.96, "95 %", ha="right", fontsize=8)
-    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xticks(range(len(methods) + 1), [*methods, "fitted\n(TALL only)"])
     ax.set_ylabel("retention: merged score / source score")
     ax.set_ylim(0, 1.25)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
@@ -208,11 +226,15 @@ def main() -> None:
     results["bytes"] = {"sources": patch_bytes, **tall_bytes, "sources_dense": tall_bytes["merged_delta"] * 3}
     best = max(results["methods"], key=lambda r: r["min_retention"])
     runner_up = sorted(results["methods"], key=lambda r: r["min_retention"])[-2]
-    best_tall = max(results["tall"], key=lambda r: r["min_retention"])
+    row = fitted_row(bench, sources, args.rank, own)
+    results["tall_fitted"] = row
+    print(line("TALL fitted", row["scores"], row["retention"],
+               f"  relative error {row['relative_error']}  mask density {row['mask_density']}"), flush=True)
+    best_tall = max([*results["tall"], row], key=lambda r: r["min_retention"])
     results.update(best=best["method"], best_tall=best_tall["method"])
     print(f"best single adapter: {best['method']} keeps at least {best['min_retention']:.0%} of every task "
           f"({runner_up['method']} next, {runner_up['min_retention']:.0%})")
-    print(f"best TALL storage: of {best_tall['method']}, each source rebuilt keeps at least "
+    print(f"best TALL storage: {best_tall['method']}, each source rebuilt keeps at least "
           f"{best_tall['min_retention']:.0%}")
     b = results["bytes"]
     print(f"store bytes for the three sources: patch files {b['sources']:,}; TALL (merged ΔW {b['merged_delta']:,} "

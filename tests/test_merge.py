@@ -19,7 +19,16 @@ from adapters_store.blobs import LocalBlobStore, materialize
 from service.lora.factors import adapter_deltas, low_rank
 from service.lora.merge import merge_deltas
 from service.lora.params import MergeParams
-from service.lora.tall import mask_bytes, merged_bytes, read_mask, read_merged, reconstruct, tall_masks
+from service.lora.tall import (
+    MAX_FITTED_SOURCES,
+    fitted_storage,
+    mask_bytes,
+    merged_bytes,
+    read_mask,
+    read_merged,
+    reconstruct,
+    tall_masks,
+)
 from tests.gateway_server import GatewayProcess
 
 
@@ -96,6 +105,52 @@ def test_a_tall_mask_drops_entries_another_source_dominates_and_lambda_sets_how_
     assert tall_masks([a, b], merged, lam=0.2).masks[0]["l"].tolist() == [[True, True]]  # 1 ≥ 0.2·4 holds
 
 
+def _relative_error(rebuilt: dict, tau: dict) -> float:
+    layers = set(rebuilt) | set(tau)
+    diff = sum(float((rebuilt.get(k, 0) - tau.get(k, 0)).pow(2).sum()) if k in tau else
+               float(rebuilt[k].pow(2).sum()) for k in layers)
+    return (diff / sum(float(t.pow(2).sum()) for t in tau.values())) ** 0.5
+
+
+def test_fitted_storage_gives_disjoint_sources_back_exactly():
+    a = {"l": torch.tensor([[3.0, 0.0], [0.0, 0.0]]), "only_a": torch.ones(2, 2)}
+    b = {"l": torch.tensor([[0.0, -2.0], [0.0, 5.0]])}
+    fit = fitted_storage([a, b])
+    assert torch.equal(reconstruct(fit.shared, fit.masks.masks[0])["l"], a["l"])
+    assert torch.equal(reconstruct(fit.shared, fit.masks.masks[1])["l"], b["l"])
+    assert "only_a" not in reconstruct(fit.shared, fit.masks.masks[1])
+    assert fit.relative_error == [0.0, 0.0]
+
+
+def test_fitted_storage_rebuilds_a_small_source_beside_a_large_one_better_than_masks_over_any_merge():
+    # Dense, overlapping task vectors of very different sizes, as LoRA ΔWs are: the paper's masks drop most of
+    # the small one where the large one dominates; the fitted form balances the two relative errors.
+    torch.manual_seed(0)
+    small = {"l": torch.randn(64, 64) * 0.1, "m": torch.randn(32, 64) * 0.1}
+    large = {"l": torch.randn(64, 64), "m": torch.randn(32, 64)}
+    middle = {"l": torch.randn(64, 64) * 0.4}
+    sources = [small, large, middle]
+    fit = fitted_storage(sources)
+    rebuilt = [reconstruct(fit.shared, m) for m in fit.masks.masks]
+    errors = [_relative_error(r, t) for r, t in zip(rebuilt, sources)]
+    assert errors == pytest.approx(fit.relative_error, abs=1e-4)
+    assert max(errors) - min(errors) < 0.02  # balanced: no source pays for another
+    for method in ("linear", "ties"):
+        merged = merge_deltas(sources, method).deltas
+        for lam in (0.5, 1.0):
+            found = tall_masks(sources, merged, lam)
+            worst = max(_relative_error(reconstruct(merged, m), t) for m, t in zip(found.masks, sources))
+            assert max(errors) < worst, (method, lam)
+    # the stored form is the usual one: a float ΔW per layer and one bit per entry per source
+    back = read_merged(merged_bytes(fit.shared))
+    assert all(torch.equal(read_mask(mask_bytes(m), back)[k], m[k]) for m in fit.masks.masks for k in m)
+
+
+def test_fitted_storage_refuses_more_sources_than_it_can_enumerate():
+    with pytest.raises(ValueError, match="sources"):
+        fitted_storage([{"l": torch.ones(1, 1)}] * (MAX_FITTED_SOURCES + 1))
+
+
 def test_the_stored_form_reads_back_exactly_at_one_bit_per_entry():
     torch.manual_seed(0)
     merged = {"x.q_proj": torch.randn(128, 128), "x.up_proj": torch.randn(512, 128)}
@@ -155,6 +210,7 @@ def test_a_merge_job_registers_one_version_with_a_retention_report_per_source(gw
     ({"params": {"weights": [1.0]}}, 400, "weights"),
     ({"params": {"beta": 0.6, "gamma": 0.5}}, 400, "beta + gamma"),
     ({"params": {"bogus": 1}}, 400, "bogus"),
+    ({"tall": True, "tall_store": "magic"}, 400, "tall_store"),
 ])
 def test_refused_merges_register_nothing(gw, body, status, word):
     request = {"sources": ["sentiment@1", "reverse@1"], "method": "linear", "rank": 8, "name": "refused", **body}
@@ -187,6 +243,11 @@ def test_tall_storage_rebuilds_each_source_as_its_next_version_from_shared_blobs
         merged = admin.get(f"/admin/patches/{result['ref'].replace('@', '/versions/')}").json()
     assert [f"{v['name']}@{v['version']}" for v in rebuilt] == tall["versions"]
     assert [v["name"] for v in rebuilt] == ["sentiment", "qa"] and all(v["version"] > 1 for v in rebuilt)
+    # the default store: shared ΔW and masks fitted to the sources, each rebuilt with the same relative error
+    assert tall["store"] == merged["meta"]["tall"]["store"] == "fitted" and tall["lam"] is None
+    errors = merged["meta"]["tall"]["relative_error"]
+    assert set(errors) == {"sentiment@1", "qa@1"} and all(0 < e < 1 for e in errors.values())
+    assert max(errors.values()) - min(errors.values()) < 0.02
     for version, source in zip(rebuilt, ["sentiment@1", "qa@1"]):
         assert version["origin"] == "merge" and sorted(version["parents"]) == ["qa@1", "sentiment@1"]
         meta = version["meta"]["tall"]
@@ -216,6 +277,28 @@ def test_tall_storage_rebuilds_each_source_as_its_next_version_from_shared_blobs
     for row in rows.values():
         assert row["retention"] == pytest.approx(row["score_merged"] / row["score_source"])
     assert tall["min_retention"] == min(row["retention"] for row in rows.values())
+
+
+def test_tall_storage_of_the_papers_masks_keeps_the_merge_and_one_lambda_mask_per_source(gw, tmp_path):
+    with gw.admin() as admin:
+        r = admin.post("/admin/merges", json={"sources": ["sentiment@1", "qa@1"], "method": "linear", "rank": 8,
+                                              "name": f"masks-{uuid.uuid4().hex[:6]}", "tall": True,
+                                              "tall_store": "masks", "params": {"lam": 0.5}})
+        assert r.status_code == 202, r.text
+        job = gw.wait_job(r.headers["location"], timeout=600)
+        assert job["state"] == "succeeded", job["error"]
+        merged = admin.get(f"/admin/patches/{job['result']['ref'].replace('@', '/versions/')}").json()
+        sources = [admin.get(f"/admin/patches/{ref}/versions/1").json() for ref in ("sentiment", "qa")]
+    meta = merged["meta"]["tall"]
+    assert meta["store"] == job["result"]["tall"]["store"] == "masks" and meta["lam"] == 0.5
+    blobs = LocalBlobStore(gw.data_dir / "blobs")
+    taus = [adapter_deltas(materialize(blobs, s["files"], tmp_path / s["name"])) for s in sources]
+    stored = read_merged(blobs.path_of(meta["merged_delta"]).read_bytes())
+    expected = merge_deltas(taus, "linear").deltas  # the merge's ΔW before truncation
+    assert set(stored) == set(expected) and all(torch.allclose(stored[k], expected[k], atol=1e-6) for k in stored)
+    for ref, found in zip(("sentiment@1", "qa@1"), tall_masks(taus, expected, 0.5).masks):
+        mask = read_mask(blobs.path_of(meta["masks"][ref]).read_bytes(), stored)
+        assert all(torch.equal(mask[k], found[k]) for k in mask)
 
 
 def test_several_aliases_served_by_one_merge_and_one_rolled_back_alone(gw, tall_merge):

@@ -7,9 +7,10 @@ merge on the evaluation set of the alias named like the source's patch: its scor
 their ratio (retention), NFR/PFR and the probe perplexity ratio. A retry finds the version an earlier
 attempt registered and measures again.
 
-With `tall`, the merge is also kept as TALL-compressed storage (service/lora/tall.py): the merged ΔW
-(before truncation) and one bit-mask per source, each a content-addressed blob, and each source is
-rebuilt from them — read back from the blob store, m_t ⊙ τ_MTL, written at `rank` — and registered as
+With `tall`, the sources are also kept as TALL-compressed storage (service/lora/tall.py): one shared ΔW
+and one bit-mask per source, each a content-addressed blob — by default fitted to rebuild every source
+(`tall_store` "fitted"), or the paper's λ-masks over the merge's ΔW before truncation ("masks") — and each
+source is rebuilt from them — read back from the blob store, m_t ⊙ shared, written at `rank` — and registered as
 the next version of that source's own patch (origin `merge`, every source a parent, the blobs named in
 its meta). Why versions of the sources' patches and ordinary adapters: an alias moves to its own
 rebuilt patch through the usual gate (against the version it serves) and rolls back to it, and every
@@ -34,7 +35,15 @@ from service.jobs.context import JobContext
 from service.jobs.worker import JobRefused, Progress
 from service.lora.factors import adapter_deltas, write_adapter
 from service.lora.merge import MergeParams, merge_deltas
-from service.lora.tall import mask_bytes, merged_bytes, read_mask, read_merged, reconstruct, tall_masks
+from service.lora.tall import (
+    fitted_storage,
+    mask_bytes,
+    merged_bytes,
+    read_mask,
+    read_merged,
+    reconstruct,
+    tall_masks,
+)
 
 
 def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
@@ -64,6 +73,7 @@ def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
     if rebuilt:
         result["tall"] = {"versions": [v.ref for v in rebuilt], "retention": tall_rows,
                           "min_retention": _least(tall_rows), "lam": rebuilt[0].meta["tall"]["lam"],
+                          "store": record.meta["tall"].get("store", "masks"),
                           "bytes": record.meta["tall"]["bytes"]}
     return result
 
@@ -100,7 +110,8 @@ def _merge_and_register(ctx: JobContext, job: Job, sources: list[PatchVersion], 
             merged = merge_deltas(deltas, p["method"], params, lambda pct, stage: progress(10 + pct * 0.25, stage))
         except ValueError as exc:
             raise JobRefused(f"cannot merge: {exc}") from None
-        tall = _store_tall(ctx, sources, deltas, merged.deltas, params.lam, work) if p.get("tall") else None
+        tall = (_store_tall(ctx, sources, deltas, merged.deltas, params.lam, p.get("tall_store", "masks"), work)
+                if p.get("tall") else None)
         progress(40, f"writing the merged patch at rank {p['rank']}")
         out = work / "merged"
         found = write_adapter(Path(base_path), merged.deltas, int(p["rank"]), out)
@@ -125,17 +136,29 @@ def _merge_and_register(ctx: JobContext, job: Job, sources: list[PatchVersion], 
 
 
 def _store_tall(ctx: JobContext, sources: list[PatchVersion], deltas: list[dict], merged: dict, lam: float,
-                work: Path) -> dict:
-    """Store the merged ΔW and each source's TALL mask as blobs; their digests and what they cost in bytes."""
-    found = tall_masks(deltas, merged, lam)
+                store: str, work: Path) -> dict:
+    """Store the shared ΔW and each source's TALL mask as blobs; their digests and what they cost in bytes."""
+    extra: dict = {}
+    if store == "fitted":
+        try:
+            fit = fitted_storage(deltas)
+        except ValueError as exc:
+            raise JobRefused(f"cannot keep TALL storage: {exc}") from None
+        shared, found = fit.shared, fit.masks
+        extra["relative_error"] = {s.ref: e for s, e in zip(sources, fit.relative_error)}
+    else:  # written when the merge's ΔW was what was stored: a job queued before tall_store existed reads so
+        shared, found = merged, tall_masks(deltas, merged, lam)
     empty = [s.ref for s, d in zip(sources, found.density) if d == 0]
     if empty:  # refused before anything is registered: there would be nothing to rebuild these from
-        raise JobRefused(f"at lam {lam} the TALL mask of {', '.join(empty)} keeps nothing of the merge; lower lam")
-    dense = merged_bytes(merged)
+        why = f"at lam {lam} the TALL mask" if store != "fitted" else "the fitted TALL mask"
+        raise JobRefused(f"{why} of {', '.join(empty)} keeps nothing of the stored ΔW; lower lam or change "
+                         f"tall_store")
+    dense = merged_bytes(shared)
     masks = [mask_bytes(m) for m in found.masks]
     patch_bytes = sum((work / f"source-{i}" / name).stat().st_size
                       for i, s in enumerate(sources) for name in s.files)
-    return {"lam": lam, "merged_delta": ctx.blobs.put_bytes(dense),
+    return {"store": store, "lam": lam if store != "fitted" else None, **extra,
+            "merged_delta": ctx.blobs.put_bytes(dense),
             "masks": {s.ref: ctx.blobs.put_bytes(m) for s, m in zip(sources, masks)},
             "mask_density": {s.ref: round(d, 6) for s, d in zip(sources, found.density)},
             # What keeping the sources costs three ways: their patch files as uploaded, the TALL form

@@ -341,6 +341,9 @@ def merges_create(ctx: typer.Context,
                   lam: Annotated[Optional[float], typer.Option(help="λ of the TALL masks (consensus, --tall).")] = None,
                   tall: Annotated[bool, typer.Option(help="Also keep TALL storage and rebuild each source from "
                                                           "it as its next version.")] = False,
+                  tall_store: Annotated[str, typer.Option(help="fitted (shared ΔW and masks fitted to the "
+                                                                "sources) or masks (λ-masks over the merge).")]
+                  = "fitted",
                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
     """Merge SOURCES into a new version of --name, with a retention report per source alias."""
     params: dict[str, Any] = {"density": density, "lam": lam}
@@ -349,7 +352,8 @@ def merges_create(ctx: typer.Context,
             params["weights"] = [float(w) for w in weights.split(",")]
         except ValueError:
             raise typer.BadParameter(f"{weights!r} is not comma-separated numbers", param_hint="--weights") from None
-    body = {"sources": sources, "method": method, "rank": rank, "name": name, "tall": tall, "reason": reason,
+    body = {"sources": sources, "method": method, "rank": rank, "name": name, "tall": tall, "tall_store": tall_store,
+            "reason": reason,
             "params": {k: v for k, v in params.items() if v is not None}}
     _follow(ctx, _run(ctx, lambda c: c.post("/merges", body))["job"], wait, json_)
 

@@ -15,6 +15,7 @@ from service.api.admin.context import AdminContext, accepted, actor_of
 from service.api.auth import require_admin
 from service.api.errors import APIError
 from service.lora.params import MergeParams
+from service.lora.tall import MAX_FITTED_SOURCES
 
 _REF = re.compile(r"([a-z0-9][a-z0-9-]*)@([0-9]{1,9})")
 
@@ -51,7 +52,11 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
             params.check(len(versions))
         except ValueError as exc:
             raise APIError(400, str(exc), param="params") from None
+        if body.tall and body.tall_store == "fitted" and len(versions) > MAX_FITTED_SOURCES:
+            raise APIError(422, f"fitted TALL storage takes at most {MAX_FITTED_SOURCES} sources; give tall_store "
+                                f"'masks' for more", param="tall_store")
         job = await asyncio.to_thread(ctx.jobs.submit, "merge", {
             "sources": body.sources, "method": body.method, "params": body.params.model_dump(exclude_none=True),
-            "rank": body.rank, "name": body.name, "tall": body.tall, "reason": body.reason}, actor_of(key))
+            "rank": body.rank, "name": body.name, "tall": body.tall, "tall_store": body.tall_store,
+            "reason": body.reason}, actor_of(key))
         return accepted(job)

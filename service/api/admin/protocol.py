@@ -67,6 +67,9 @@ class MergeRequest(_Request):
     rank: int = Field(ge=1)
     name: str  # the patch the merged version is registered under
     tall: bool = False  # also keep the merge as TALL storage and rebuild each source from it as its next version
+    # fitted: the stored ΔW and masks fitted to rebuild each source (service/lora/tall.py); masks: the paper's
+    # λ-masks over this merge's ΔW
+    tall_store: Literal["fitted", "masks"] = "fitted"
     reason: str = Field("", max_length=1000)
 
 
