@@ -193,6 +193,8 @@ def main() -> None:
     baseline: dict[str, list[str]] = {}
     results = []
     policies = [KVPolicy(), *map(KVPolicy.from_dict, args.policy)] if args.policy else POLICIES
+    with run_on("recall"):  # a first decode is slow (allocator, kernels): not the uncompressed row's figure
+        decode_rate(model, tok, recall, KVPolicy(), repeats=1)
     for policy in policies:
         started = time.perf_counter()
         row = {"policy": policy.describe(), "spec": policy.as_dict(), "scores": {}, "nfr": {}, "pfr": {},
