@@ -21,7 +21,7 @@ lint: install
 
 test: install lint
 	@$(PY) -m service.cli kit build
-	@$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The replica's logic on a fake engine and a real Redis: under a minute, no kit, no vLLM.
 test-fast: install

@@ -46,15 +46,24 @@ def kit_build(
 
 
 def ensure_kit(target: Path, seed: int, force: bool = False) -> dict:
-    """The kit's manifest, built first unless a kit of the same hash is already at `target`."""
+    """The kit's manifest, built first unless a kit of the same hash is at `target` or in the machine's cache."""
+    from service.kit import machine_cache
     from service.kit.config import KitConfig, cached
 
     config = KitConfig(seed=seed)
     if not force and (manifest := cached(target, config)) is not None:
         return manifest  # a cache hit imports no torch: it answers at once
+    settings = get_settings()
+    cache_dir = (settings.kit_cache_dir or machine_cache.default_dir()) if settings.kit_cache else None
+    if cache_dir is not None and not force and (manifest := machine_cache.restore(cache_dir, target, config)):
+        console.print(f"kit: {manifest['kit_hash']} copied from this machine's cache ({cache_dir})")
+        return manifest
     from service.kit.build import build
 
-    return build(target, config, force=force)
+    manifest = build(target, config, force=force)
+    if cache_dir is not None:
+        machine_cache.keep(cache_dir, target, manifest)
+    return manifest
 
 
 def scores_table(manifest: dict) -> Table:

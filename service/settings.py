@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".patchserve")
     kit_dir: Path | None = None  # default: <data_dir>/kit; every path is made absolute at load
     kit_seed: int = 1234
+    # Built kits are kept by content hash in a per-user cache (default $XDG_CACHE_HOME/patchserve/kits, like
+    # the Hugging Face hub's), so a second checkout on this machine copies the kit instead of training it again.
+    kit_cache: bool = True
+    kit_cache_dir: Path | None = None
 
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     host: str = "127.0.0.1"
@@ -107,6 +111,8 @@ class Settings(BaseSettings):
         # component may depend on the directory the process happened to start in.
         self.data_dir = self.data_dir.expanduser().resolve()
         self.kit_dir = (self.kit_dir or self.data_dir / "kit").expanduser().resolve()
+        if self.kit_cache_dir is not None:
+            self.kit_cache_dir = self.kit_cache_dir.expanduser().resolve()
         self.blob_dir = (self.blob_dir or self.data_dir / "blobs").expanduser().resolve()
         if self.base_path is not None:
             self.base_path = self.base_path.expanduser().resolve()

@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def kit_dir() -> Path:
-    """The kit directory: PATCHSERVE_KIT_DIR if set, else <repo>/.patchserve/kit, built if missing."""
-    from service.kit.build import build
+    """The kit directory: PATCHSERVE_KIT_DIR if set, else <repo>/.patchserve/kit, built (or copied) if missing."""
+    from service.cli import ensure_kit
 
     path = Path(os.environ.get("PATCHSERVE_KIT_DIR", REPO / ".patchserve" / "kit"))
-    build(path, show_progress=False)
+    ensure_kit(path, 1234)  # the default seed: the kit `make serve` builds, kept in the machine's cache
     return path
 
 

@@ -108,3 +108,37 @@ def test_evaluation_items_are_not_trained_on(train_set_leak, kit_dir):
     data = tasks.task_data(train_set_leak, v1, v2, cfg.seed, cfg.eval_size)
     assert not {e.prompt for e in data.train} & {e.prompt for e in data.eval}
     assert [e.as_json() for e in data.eval] == read_jsonl(kit_dir / "eval" / f"{train_set_leak}.jsonl")
+
+
+def test_a_second_checkout_copies_the_kit_from_the_machines_cache(kit_dir, manifest, tmp_path):
+    """`patchserve kit build` in a new directory takes the kit this machine built, checked file by file."""
+    import os
+    import subprocess
+    import sys
+
+    from service.kit import machine_cache
+    from tests.conftest import REPO
+
+    cache = tmp_path / "cache"
+    machine_cache.keep(cache, kit_dir, manifest)
+    assert (cache / manifest["kit_hash"] / "manifest.json").is_file()
+    env = {**os.environ, "PATCHSERVE_KIT_CACHE_DIR": str(cache)}
+
+    def kit_build(out):
+        return subprocess.run([sys.executable, "-m", "service.cli", "kit", "build", "--out", str(out)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    run = kit_build(tmp_path / "clone" / "kit")
+    assert run.returncode == 0, run.stderr
+    assert "copied from this machine's cache" in run.stderr
+    copied = json.loads((tmp_path / "clone" / "kit" / "manifest.json").read_text())
+    assert copied == manifest
+    for rel, digest in manifest["checksums"].items():
+        assert hashlib.sha256((tmp_path / "clone" / "kit" / rel).read_bytes()).hexdigest() == digest
+
+    # A damaged copy in the cache is never used: it would be rebuilt (here: refused before any training).
+    victim = cache / manifest["kit_hash"] / next(iter(manifest["checksums"]))
+    victim.write_bytes(victim.read_bytes()[:-1])
+    assert machine_cache.restore(cache, tmp_path / "other", KitConfig()) is None
+    assert not (tmp_path / "other").exists()
+    assert not list(cache.glob(".*copy*")) and not list((tmp_path / "clone").glob(".*copy*"))

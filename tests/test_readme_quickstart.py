@@ -5,7 +5,9 @@ in a new directory, with default settings: no PATCHSERVE_* or REDIS_URL in the e
 relative default data dir, the default ports 8000 and 6390. Only `.venv` is linked from this checkout:
 the install step is idempotent (a stamp of pyproject.toml and scripts/install.sh), so `make serve`
 takes it as it would take one it had just built, and the suite does not download vLLM twice.
-The kit is built afresh by `make serve`, as on a first start.
+The kit comes from this machine's kit cache (~/.cache/patchserve/kits, by content hash, checked file by file),
+which the suite's own first step filled: `make test` builds the kit from nothing, through the same code, before
+pytest starts; building it a second time here would only double the suite's longest step.
 
 Then the README's Python example with the official `openai` client, the admin key where the README
 says it is, the README's `patchserve admin` block as written, `patchserve worker` from the same
@@ -77,7 +79,7 @@ def make_serve(tmp_path_factory):
     proc = subprocess.Popen(["make", "serve"], cwd=clone, env=_user_env(), stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # First start: the kit is built (≈3 min on 2 cores), then vLLM starts.
+        # First start: the kit is copied from the machine's cache (built if absent: minutes), then vLLM starts.
         wait_ready(proc, f"{README_URL}/readyz", log, 900, "make serve")
         yield clone, proc, log
     finally:
