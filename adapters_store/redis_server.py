@@ -89,7 +89,10 @@ class EmbeddedRedis:
              "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
              "--logfile", str(self.dir / "redis.log"), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            # Out of the terminal's process group: a Ctrl-C reaches the gateway, which stops its worker and its
+            # registry follower first and this server last (atexit), instead of Redis vanishing under them.
+            start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.answers():

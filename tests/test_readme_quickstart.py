@@ -160,3 +160,6 @@ def test_ctrl_c_stops_the_service_and_its_embedded_redis(make_serve):
     assert not _processes_under(clone), f"left running after Ctrl-C: {_processes_under(clone)}"
     assert _port_free(8000) and _port_free(6390)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    # Stopped in order (worker and registry follower before the embedded Redis): a quiet stop, no warnings.
+    after_ready = log.read_text().split("Ctrl-C stops it", 1)[-1]
+    assert '"level": "warning"' not in after_ready and '"level": "error"' not in after_ready, after_ready[-3000:]
