@@ -55,7 +55,8 @@ MERGED = "served-merge"
 def weight_bytes(kit: Path, admin: httpx.Client, ref: str) -> int:
     """Bytes of a version's adapter weights: the kit's file for a kit patch, the validation summary otherwise."""
     name, _, version = ref.rpartition("@")
-    if name in ALIASES and version == "1":  # the kit's own patch (its record has no summary; it may be deleted)
+    # The kit's own patches (recall's too: resident, not in the mix) have no summary in their record; may be deleted.
+    if version == "1" and (kit / "patches" / name / "adapter_model.safetensors").is_file():
         return (kit / "patches" / name / "adapter_model.safetensors").stat().st_size
     return int(admin.get(f"/admin/patches/{name}/versions/{version}").json()["meta"]["weights_bytes"])
 
