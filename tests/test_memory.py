@@ -23,10 +23,10 @@ from tests.prometheus_server import free_port
 
 MEMORY = "facts"
 BATCH = 10
-# The Loc floor of this module's gate: Loc on 10 of the kit's edits sits at the default floor (0.9, README:
-# the per-token router also speaks where the base's own continuation of a task prompt states an edited
-# relation). This module is about serving a memory; the gate's refusal has its own test below.
-LOC_FLOOR = 0.8
+# The gate's default Loc floor. It was 0.8 here (Loc on 10 of the kit's edits sat at 0.8-0.9) until the edit job
+# trained the memory to stay quiet on the base's own answers too, not only on the texts it reads: the bare base
+# answers task prompts with a sentence about someone's job, and the per-token router spoke there.
+LOC_FLOOR = 0.9
 
 
 @pytest.fixture(scope="module")

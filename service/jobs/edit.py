@@ -21,7 +21,9 @@ from adapters_store.blobs import materialize, put_files
 from adapters_store.errors import StoreError
 from adapters_store.jobs import Job
 from adapters_store.memories import EditRecord, MemoryVersion
+from service.evaluation.generation import greedy_generate
 from service.evaluation.memory_report import MemoryGate, edit_rows, probe_texts, prompts_of, summarize
+from service.evaluation.scoring import answer_text
 from service.jobs.context import JobContext
 from service.jobs.worker import JobRefused, Progress
 from service.memory import memory_file
@@ -90,13 +92,15 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
                         progress: Progress, quiet: list[str] | None = None) -> dict:
     base_path = ctx.base_path(base)
     asked = [p for e in keep for p in (e.prompt, *e.paraphrases)]
-    # A text that asks one of the memory's edits is where it must speak, not stay quiet.
-    irrelevant = [t for t in [*(quiet or []), *_irrelevant(ctx, name)] if not any(a in t for a in asked)]
+    candidates = [*(quiet or []), *_irrelevant(ctx, name)]
     start = _weights(ctx, train_from) if train_from else None
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         with ctx.evaluator.base(base_path) as (model, tok):
             layer = start.layer if start else _layer(ctx, model)
+            # A text that asks one of the memory's edits is where it must speak, not stay quiet.
+            said = _with_own_answers(model, tok, candidates, ctx.evaluator.max_new_tokens)
+            irrelevant = [t for t in said if not any(a in t for a in asked)]
             if not keep:
                 weights = None  # every edit revoked: the version is the empty memory
             else:
@@ -165,6 +169,17 @@ def _report(ctx: JobContext, base_path: str, keep: list[EditRecord], new: list[E
               "probe_texts": len(probe)}
     ratio = round(ppl / base_ppl, 4) if ppl is not None and base_ppl else None
     return report, ratio
+
+
+def _with_own_answers(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
+    """`texts`, and each followed by what the model without a memory answers after it (greedy, one line).
+
+    The memory must stay quiet on what the model says, not only on what it reads: a locality prompt is judged
+    by its answer, and on the kit the base answers task prompts with sentences about someone's job, on whose
+    tokens a memory trained only on the prompts spoke.
+    """
+    answers = [answer_text(tok, a) for a in greedy_generate(model, tok, texts, max_new_tokens)]
+    return texts + [t + a for t, a in zip(texts, answers) if a.strip()]
 
 
 def _irrelevant(ctx: JobContext, name: str) -> list[str]:
