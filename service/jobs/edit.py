@@ -98,12 +98,12 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         with ctx.evaluator.base(base_path) as (model, tok):
             layer = start.layer if start else _layer(ctx, model)
-            # A text that asks one of the memory's edits is where it must speak, not stay quiet.
-            said = _with_own_answers(model, tok, candidates, ctx.evaluator.max_new_tokens)
-            irrelevant = [t for t in said if not any(a in t for a in asked)]
             if not keep:
                 weights = None  # every edit revoked: the version is the empty memory
             else:
+                # A text that asks one of the memory's edits is where it must speak, not stay quiet.
+                said = _with_own_answers(model, tok, candidates, ctx.evaluator.max_new_tokens)
+                irrelevant = [t for t in said if not any(a in t for a in asked)]
                 progress(2, f"training on {len(new)} new and {len(replay)} earlier edits")
                 trained = train_memory(model, tok, layer, start.delta if start else None,
                                        [Edit(e.prompt, e.target) for e in new],
