@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -133,17 +134,28 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
         got = dict(zip(asked, await answers(client, "tiny", asked)))
         row = rel_gen_loc(applied, got, before) | {
             "version": result.get("version"), "job_s": round(seconds, 1), "gate": result.get("gate", {}).get("passed"),
-            "perplexity_ratio": result.get("perplexity_ratio"), "job_report": result.get("report", {}).get("all")}
+            "perplexity_ratio": result.get("perplexity_ratio"), "job_report": result.get("report", {}).get("all"),
+            "job_tasks": result.get("report", {}).get("tasks")}
         scores = await task_scores(client, kit, manifest)
-        row["tasks"] = {alias: {"score": s["score"], "before": tasks_before[alias]["score"],
-                                "agreement": round(sum(x == y for x, y in zip(s["answers"],
-                                                                               tasks_before[alias]["answers"]))
-                                                   / len(s["answers"]), 4)}
-                        for alias, s in scores.items()}
+        # The kit's edit prompts begin with the edited person's name: a task prompt naming one may rightly change.
+        names = {e["prompt"].split()[0] for e in applied}
+        row["tasks"] = {}
+        for alias, s in scores.items():
+            asked_of = [r["prompt"] for r in jsonl(kit / manifest["eval_sets"][alias])]
+            same = [(x == y, bool(names & set(re.findall(r"\w+", p))))
+                    for x, y, p in zip(s["answers"], tasks_before[alias]["answers"], asked_of)]
+            unrelated = [x for x, named in same if not named]
+            row["tasks"][alias] = {
+                "score": s["score"], "before": tasks_before[alias]["score"],
+                "agreement": round(sum(x for x, _ in same) / len(same), 4),
+                # the prompts that name no edited person: what a memory must leave alone
+                "unrelated": round(sum(unrelated) / len(unrelated), 4) if unrelated else None,
+                "unrelated_prompts": len(unrelated)}
         rows.append(row)
         print(f"  T={t:>3}  Rel {row['rel']:.2f}  Gen {row['gen']:.2f}  Loc {row['loc']:.2f}  "
               f"ppl ratio {row['perplexity_ratio']}  job {row['job_s']} s  "
-              f"tasks {json.dumps({k: v['agreement'] for k, v in row['tasks'].items()})}", flush=True)
+              f"tasks (all / naming no edited person) "
+              f"{json.dumps({k: [v['agreement'], v['unrelated']] for k, v in row['tasks'].items()})}", flush=True)
 
     print("decode throughput, memory on and off (alternating)", flush=True)
     last = (await admin.get(f"/admin/memories/{MEMORY}")).json()["version"]

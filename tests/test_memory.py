@@ -106,6 +106,10 @@ def test_an_edit_batch_is_trained_gated_and_activated(pair, edited):
     assert result["activated"] and result["version"] == 1 and result["gate"]["passed"]
     batch = result["report"]["batch"]
     assert batch["edits"] == BATCH and batch["rel"] >= 0.9 and batch["loc"] >= LOC_FLOOR, result["report"]
+    # The memory is on the base, so it reaches every kit alias under its patch: each keeps its held-out answers.
+    tasks = result["report"]["tasks"]
+    assert set(tasks) == {"sentiment", "reverse", "qa", "recall"}, tasks
+    assert all(t["held_out"] >= 0.9 and t["patch"] == f"{alias}@1" for alias, t in tasks.items()), tasks
     a, b, key = pair
     with a.admin(key) as admin:
         memory = admin.get(f"/admin/memories/{MEMORY}").json()

@@ -88,10 +88,10 @@ class Evaluator:
                 self._bases[base_path] = (model, tok)
 
     def run_memory(self, base_path: str, weights: MemoryWeights | None, prompts: list[str],
-                   probe: list[str] = ()) -> tuple[list[str], float | None]:
-        """(answers to `prompts`, perplexity on `probe` or None) of the base with a side memory (None: without)."""
-        with self._lock:
-            model, tok = self._base(base_path)
+                   probe: list[str] = (), version: PatchVersion | None = None) -> tuple[list[str], float | None]:
+        """(answers to `prompts`, perplexity on `probe` or None) of the base (with `version`, a patch on it) and a
+        side memory (None: without one)."""
+        def use(model, tok):
             hook = HFMemory(model, weights.layer, slots=1) if weights is not None else None
             try:
                 if hook is not None:
@@ -102,6 +102,7 @@ class Evaluator:
             finally:
                 if hook is not None:
                     hook.remove()
+        return self.with_model(base_path, version, use)
 
     @contextmanager
     def base(self, base_path: str):

@@ -60,8 +60,11 @@ class MemoryGate:
     # where the base's own continuation of a task prompt states a fact of an edited relation).
     min_loc: float = 0.9
     max_perplexity_ratio: float = 1.1
+    # Each patched alias the memory reaches keeps this share of its evaluation answers (the held-out half: the
+    # edit job trains the memory quiet on the other half, read under the alias's patch).
+    min_tasks: float = 0.9
 
-    def check(self, summary: dict, perplexity_ratio: float | None) -> list[str]:
+    def check(self, summary: dict, perplexity_ratio: float | None, tasks: dict | None = None) -> list[str]:
         """The reasons the version fails (empty: it passes)."""
         reasons = []
         for key, floor in (("rel", self.min_rel), ("gen", self.min_gen), ("loc", self.min_loc)):
@@ -69,6 +72,10 @@ class MemoryGate:
                 reasons.append(f"{key} {summary[key]:.3f} < {floor}")
         if perplexity_ratio is not None and perplexity_ratio > self.max_perplexity_ratio:
             reasons.append(f"probe perplexity ratio {perplexity_ratio:.3f} > {self.max_perplexity_ratio}")
+        for alias, t in sorted((tasks or {}).items()):
+            if t.get("held_out") is not None and t["held_out"] < self.min_tasks:
+                reasons.append(f"{alias}: {t['held_out']:.3f} of its held-out evaluation answers unchanged "
+                               f"< {self.min_tasks}")
         return reasons
 
     @classmethod

@@ -7,6 +7,12 @@ now. Both then answer every edit greedily with and without the memory (Rel/Gen/L
 probe perplexity against the base alone, register the version with its report (immutable), and
 move the memory's pointer if the gate passes — a compare-and-set on the version trained on top of,
 so a move made meanwhile is never overwritten. A retried job reuses the version it registered.
+
+A memory reaches every alias it is attached to (its base: every alias on it without a memory of its own),
+and those aliases are served under their LoRA patches, which move what the router reads. So the memory
+is also trained quiet on half of each such alias's evaluation prompts (and the patch's own answers to
+them), read under the alias's patch, and the report says, per alias, how many of the evaluation set's
+answers the memory left as the patch alone gives them (`tasks`; `held_out`: the half not trained on).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 from adapters_store.blobs import materialize, put_files
 from adapters_store.errors import StoreError
 from adapters_store.jobs import Job
-from adapters_store.memories import EditRecord, MemoryVersion
+from adapters_store.memories import EditRecord, MemoryRecord, MemoryVersion
+from adapters_store.registry import PatchVersion
 from service.evaluation.generation import greedy_generate
 from service.evaluation.memory_report import MemoryGate, edit_rows, probe_texts, prompts_of, summarize
 from service.evaluation.scoring import answer_text
@@ -29,7 +36,7 @@ from service.jobs.worker import JobRefused, Progress
 from service.memory import memory_file
 from service.memory.hf_hook import decoder_layers, default_layer
 from service.memory.memory_file import MemoryWeights
-from service.memory.wise import Edit, WiseConfig, train_memory
+from service.memory.wise import Edit, WiseConfig, down_inputs, train_memory
 
 
 def edit(ctx: JobContext, job: Job, progress: Progress) -> dict:
@@ -40,7 +47,7 @@ def edit(ctx: JobContext, job: Job, progress: Progress) -> dict:
         return _finish(ctx, job, done, parent, progress)
     held = list(parent.edits) if parent else []
     added = _new_edits(ctx, name, job)
-    return _train_and_register(ctx, job, record.base, name, parent, new=added, replay=held, keep=held + added,
+    return _train_and_register(ctx, job, record, parent, new=added, replay=held, keep=held + added,
                                parent=parent, added=[e.id for e in added], revoked=[], progress=progress)
 
 
@@ -63,7 +70,7 @@ def revoke(ctx: JobContext, job: Job, progress: Progress) -> dict:
     # Training without the edit is not enough: the other edits' relation ("works as a") still reaches the
     # router on the revoked prompt, and it answered with another edit's target (measured on the kit). So the
     # revoked prompt and its paraphrases join the texts the memory must stay quiet on.
-    return _train_and_register(ctx, job, record.base, name, ancestor, new=new, replay=replay, keep=keep,
+    return _train_and_register(ctx, job, record, ancestor, new=new, replay=replay, keep=keep,
                                parent=parent, added=[], revoked=[edit_id], progress=progress,
                                quiet=[gone.prompt, *gone.paraphrases])
 
@@ -86,18 +93,26 @@ def _new_edits(ctx: JobContext, name: str, job: Job) -> list[EditRecord]:
             for i, e in enumerate(job.params["edits"])]
 
 
-def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_from: MemoryVersion | None, *,
+def _train_and_register(ctx: JobContext, job: Job, record: MemoryRecord, train_from: MemoryVersion | None, *,
                         new: list[EditRecord], replay: list[EditRecord], keep: list[EditRecord],
                         parent: MemoryVersion | None, added: list[str], revoked: list[str],
                         progress: Progress, quiet: list[str] | None = None) -> dict:
-    base_path = ctx.base_path(base)
+    name = record.name
+    base_path = ctx.base_path(record.base)
     asked = [p for e in keep for p in (e.prompt, *e.paraphrases)]
     candidates = [*(quiet or []), *_irrelevant(ctx, name)]
     start = _weights(ctx, train_from) if train_from else None
+    served = _served_with(ctx, record)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
-        with ctx.evaluator.base(base_path) as (model, tok):
+        with ctx.evaluator.base(base_path) as (model, _):
             layer = start.layer if start else _layer(ctx, model)
+        held = None
+        if keep and served:
+            progress(1, f"reading {len(served)} patched aliases' prompts under their patches")
+            held = torch.cat([_patched_inputs(ctx, base_path, layer, version, prompts[::2], asked)
+                              for _, version, prompts in served])
+        with ctx.evaluator.base(base_path) as (model, tok):
             if not keep:
                 weights = None  # every edit revoked: the version is the empty memory
             else:
@@ -111,10 +126,11 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
                                        # a shard's own mask and sampling per version (WISE's knowledge shards)
                                        WiseConfig(seed=(parent.version if parent else 0) + 1),
                                        progress=lambda f, stage: progress(2 + 58 * f, stage),
-                                       always_quiet=quiet or ())
+                                       always_quiet=quiet or (), quiet_inputs=held)
                 weights = MemoryWeights(trained.delta, trained.threshold, layer)
         progress(60, f"answering {len(keep)} edits with and without the memory")
         report, perplexity_ratio = _report(ctx, base_path, keep, new, weights, progress)
+        report["tasks"] = _task_agreement(ctx, base_path, weights, served) if weights is not None else {}
         if weights is None:  # an empty memory still needs a file: a ΔW of zeros that nothing reaches
             with ctx.evaluator.base(base_path) as (model, _):
                 down = decoder_layers(model)[layer].mlp.down_proj
@@ -122,7 +138,7 @@ def _train_and_register(ctx: JobContext, job: Job, base: str, name: str, train_f
         path = memory_file.write(Path(tmp), weights)
         files = put_files(ctx.blobs, {path.name: path})
     gate = MemoryGate.of(ctx.memories.gate(name))
-    reasons = gate.check(report["all"], perplexity_ratio)
+    reasons = gate.check(report["all"], perplexity_ratio, report.get("tasks"))
     verdict = {"passed": not reasons, "reasons": reasons, "thresholds": gate.as_dict()}
     meta = {"job": job.id, "layer": layer, "threshold": weights.threshold, "report": report,
             "perplexity_ratio": perplexity_ratio, "gate": verdict,
@@ -180,6 +196,51 @@ def _with_own_answers(model, tok, texts: list[str], max_new_tokens: int) -> list
     """
     answers = [answer_text(tok, a) for a in greedy_generate(model, tok, texts, max_new_tokens)]
     return texts + [t + a for t, a in zip(texts, answers) if a.strip()]
+
+
+def _served_with(ctx: JobContext, record: MemoryRecord) -> list[tuple[str, PatchVersion, list[str]]]:
+    """(alias, the patch version it serves, its evaluation prompts) for each patched alias the memory reaches."""
+    targets = ctx.memories.targets()
+    out = []
+    for alias, pointer in sorted(ctx.registry.snapshot().items()):
+        own = targets.get(alias)
+        reaches = own == record.name or (own is None and record.target == record.base)
+        if pointer.base != record.base or not reaches:
+            continue
+        evalset = ctx.evals.evalset(alias)
+        version = ctx.registry.get_version(pointer.patch, pointer.version)
+        if evalset is not None and version is not None:
+            out.append((alias, version, [row["prompt"] for row in evalset[0]]))
+    return out
+
+
+def _patched_inputs(ctx: JobContext, base_path: str, layer: int, version: PatchVersion, prompts: list[str],
+                    asked: list[str]) -> torch.Tensor:
+    """The router's inputs on `prompts` and on each followed by the patch's own answer, under `version`."""
+    def read(model, tok):
+        texts = [t for t in _with_own_answers(model, tok, prompts, ctx.evaluator.max_new_tokens)
+                 if not any(a in t for a in asked)]
+        return down_inputs(model, tok, layer, texts)
+    return ctx.evaluator.with_model(base_path, version, read)
+
+
+def _task_agreement(ctx: JobContext, base_path: str, weights: MemoryWeights,
+                    served: list[tuple[str, PatchVersion, list[str]]]) -> dict:
+    """Per patched alias: the share of its evaluation answers the memory leaves as the patch alone gives them.
+
+    `held_out`: over the odd half of the prompts, never among the texts the memory was trained quiet on. A prompt
+    that asks about an edited fact in the tenant's own format (qa's "Where does … live?") counts as a change too:
+    the memory is trained to leave a tenant's traffic alone, not to carry its edits into the tenant's formats.
+    """
+    out = {}
+    for alias, version, prompts in served:
+        alone, _ = ctx.evaluator.run_memory(base_path, None, prompts, version=version)
+        with_memory, _ = ctx.evaluator.run_memory(base_path, weights, prompts, version=version)
+        same = [a == b for a, b in zip(alone, with_memory)]
+        held_out = same[1::2]
+        out[alias] = {"patch": version.ref, "prompts": len(same), "agreement": round(sum(same) / len(same), 4),
+                      "held_out": round(sum(held_out) / len(held_out), 4) if held_out else None}
+    return out
 
 
 def _irrelevant(ctx: JobContext, name: str) -> list[str]:

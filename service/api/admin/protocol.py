@@ -283,6 +283,7 @@ class MemoryGateRequest(_Request):
     min_gen: float | None = Field(None, ge=0, le=1)
     min_loc: float | None = Field(None, ge=0, le=1)
     max_perplexity_ratio: float | None = Field(None, gt=0)
+    min_tasks: float | None = Field(None, ge=0, le=1)
 
 
 class Memory(BaseModel):
