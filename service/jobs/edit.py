@@ -107,7 +107,7 @@ def _train_and_register(ctx: JobContext, job: Job, record: MemoryRecord, train_f
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         with ctx.evaluator.base(base_path) as (model, _):
             layer = start.layer if start else _layer(ctx, model)
-        held = None
+        held = None  # read between two holds of the base: loading each patch takes the evaluator's lock itself
         if keep and served:
             progress(1, f"reading {len(served)} patched aliases' prompts under their patches")
             held = torch.cat([_patched_inputs(ctx, base_path, layer, version, prompts[::2], asked)

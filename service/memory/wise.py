@@ -16,7 +16,7 @@ edits, the memory's earlier edits replayed (WISE's replay, its Appendix B.3), an
 - WISE's element-wise norm constraint: |ΔW| ≤ `norm_constraint`;
 - the same quiet margin on texts as the memory's tenants are served them, under their LoRA patches
   (`quiet_inputs`): a patch moves the router's input h, and a memory trained on the bare base alone spoke
-  on patched task prompts (at T = 100 on the kit the reverse alias kept 39 % of its answers).
+  on patched task prompts (at T = 100 on the kit the reverse alias kept 39–50 % of its answers).
 
 Training stops early once every edit (new and replayed) is answered by the side memory and its margin
 holds. The threshold is then set between what irrelevant texts and edit prompts give (`threshold`).
