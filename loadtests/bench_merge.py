@@ -39,7 +39,8 @@ from service.evaluation.generation import greedy_generate  # noqa: E402
 from service.evaluation.scoring import answer_text, exact_match  # noqa: E402
 from service.lora.factors import adapter_deltas, write_adapter  # noqa: E402
 from service.lora.merge import merge_deltas  # noqa: E402
-from service.lora.params import METHODS, MergeParams  # noqa: E402
+from service.lora.merge_by_distillation import DistillSource, distil_merge  # noqa: E402
+from service.lora.params import DELTA_METHODS, MergeParams  # noqa: E402
 from service.lora.tall import fitted_storage, mask_bytes, merged_bytes, reconstruct, tall_masks  # noqa: E402
 
 TASKS = ("sentiment", "reverse", "qa")
@@ -96,6 +97,27 @@ def tall_row(bench: Bench, sources: list[dict], merged: dict, lam: float, rank: 
     return {"lam": lam, "rank": rank, "scores": scores, "retention": kept, "min_retention": least(kept),
             "mask_density": dict(zip(TASKS, (round(d, 4) for d in found.density))),
             "bytes": {"merged_delta": dense, "masks": masks, "tall": dense + masks}}
+
+
+def distill_row(bench: Bench, kit: Path, rank: int, own: dict) -> dict:
+    """One adapter trained on the kit's distillation prompts of each task as each source answers them
+    (service/lora/merge_by_distillation.py, the job's code and defaults), scored like the merges."""
+    sources = [DistillSource(f"{t}@1", kit / "patches" / t,
+                             [json.loads(line)["prompt"] for line in (kit / "distill" / f"{t}.jsonl").read_text()
+                              .splitlines() if line]) for t in TASKS]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        made = distil_merge(bench.base_dir, sources, rank, MergeParams(), Path(work),
+                            lambda model, tok, prompts: greedy_generate(model, tok, prompts),
+                            lambda pct, stage: print(f"  {stage}", flush=True) if "step" not in stage or
+                            "00/" in stage else None)
+        merge_s = time.perf_counter() - started
+        scores = bench.score_dir(Path(work) / "merged")
+    kept = retention(scores, own)
+    return {"method": "distill", "rank": rank, "energy_kept": None, "init": made.init.removesuffix("@1"),
+            "steps": made.result.steps, "merge_s": round(merge_s, 1),
+            "merge_and_score_s": round(time.perf_counter() - started, 2), "scores": scores, "retention": kept,
+            "min_retention": least(kept)}
 
 
 def fitted_row(bench: Bench, sources: list[dict], rank: int, own: dict) -> dict:
@@ -171,7 +193,9 @@ def plot(results: dict, path: Path) -> None:
     width = 0.13
     for k, t in enumerate(TASKS):
         for n, (rows, hatch) in enumerate(((results["methods"], ""), (results["tall"], "//"))):
-            xs = [i + (k + 3 * n) * width - 2.5 * width for i in range(len(methods))]
+            # distill has no TALL row: its bars sit at its own position, one group of three
+            xs = [methods.index(r["method"]) + (k + 3 * n) * width - (2.5 if r["method"] != "distill" else 1) * width
+                  for r in rows]
             ax.bar(xs, [r["retention"][t] for r in rows], width, color=f"C{k}", hatch=hatch, edgecolor="white",
                    label=f"{t}, {'one merged adapter' if n == 0 else 'rebuilt from TALL storage'}")
         ax.bar(len(methods) + (k - 1) * width, results["tall_fitted"]["retention"][t], width, color=f"C{k}",
@@ -207,7 +231,7 @@ def main() -> None:
     print(f"source patches alone: {', '.join(f'{t} {own[t]:.2f}' for t in TASKS)}", flush=True)
     sources = [adapter_deltas(args.kit / "patches" / t) for t in TASKS]
     results: dict = {"sources": own, "rank": args.rank, "lam": args.lam, "methods": [], "tall": []}
-    for method in METHODS:
+    for method in DELTA_METHODS:
         started = time.perf_counter()
         merged = merge_deltas(sources, method, MergeParams())
         scores, energy = bench.score(merged.deltas, args.rank)
@@ -221,6 +245,10 @@ def main() -> None:
         results["tall"].append({"method": method, **row})
         print(line(f"  TALL of {method}", row["scores"], row["retention"],
                    f"  mask density {row['mask_density']}"), flush=True)
+    row = distill_row(bench, args.kit, args.rank, own)
+    results["methods"].append(row)
+    print(line("distill", row["scores"], row["retention"],
+               f"  from {row['init']}, {row['steps']} steps, {row['merge_and_score_s']:.0f} s"), flush=True)
     patch_bytes = sum(f.stat().st_size for t in TASKS for f in (args.kit / "patches" / t).iterdir())
     tall_bytes = results["tall"][0]["bytes"]
     results["bytes"] = {"sources": patch_bytes, **tall_bytes, "sources_dense": tall_bytes["merged_delta"] * 3}

@@ -5,15 +5,17 @@ resident adapters, on the gateway.
         [--concurrency 12] [--max-tokens 48] [--rounds 2]
 
 Starts `patchserve serve` (the tests' gateway process) on a fresh data dir, where the kit's aliases
-sentiment, reverse and qa each serve their own patch. A merge job (`POST /admin/merges`, linear, rank
-16) folds the three into one version. Then, `--rounds` times: the three aliases on their own versions,
-then all three moved to the merge (forced: its retention is far below the gate's, see bench_merge.py —
-these are serving figures only), each time under the same load: streaming completions round-robin over
-the three aliases with the kit's prompts (ignore_eos), and base-only before and after (the machine's
-drift). Alternating the two states spreads that drift over both. For each state: output tokens/s,
-inter-token latency p50/p99, TTFT p50, and what the replica holds (/admin/replica): the adapters
-resident, the adapters the requests used, and their weight bytes. Last, the three source versions are
-deleted (no longer anyone's rollback target) and the resident adapters are read once more.
+sentiment, reverse and qa each serve their own patch. A merge job (`POST /admin/merges`, `--method`,
+default distill, rank 16) folds the three into one version, and each alias is asked to move to it
+through its own gate (its evaluation set, against the version it serves): the verdicts are recorded.
+Then, `--rounds` times: the three aliases on their own versions, then all three on the merge (these
+back-and-forth moves are forced: serving figures only), each time under the same load: streaming
+completions round-robin over the three aliases with the kit's prompts (ignore_eos), and base-only before
+and after (the machine's drift). Alternating the two states spreads that drift over both. For each
+state: output tokens/s, inter-token latency p50/p99, TTFT p50, and what the replica holds
+(/admin/replica): the adapters resident, the adapters the requests used, and their weight bytes. Last,
+the three source versions are deleted (no longer anyone's rollback target) and the resident adapters are
+read once more.
 
 Writes loadtests/results/merge_serving.json and merge_serving.png; prints the figures.
 """
@@ -90,6 +92,24 @@ def merge_job(gw: Gateway, body: dict) -> tuple[dict, float]:
     if job["state"] != "succeeded":
         raise RuntimeError(f"merge job failed: {job['error']}")
     return job["result"], job["updated_at"] - job["created_at"]
+
+
+def gated_move(gw: Gateway, alias: str, patch: str, version: int) -> dict:
+    """Ask to move `alias` to the merge through its own gate (the alias's evaluation set, against the version
+    it serves): the verdict, with the figures the gate read."""
+    with gw.admin() as admin:
+        r = admin.post(f"/admin/aliases/{alias}/activate", json={"patch": patch, "version": version,
+                                                                 "reason": "bench_merge_serving: gated move"})
+    if r.status_code == 200:
+        return {"alias": alias, "moved": True, "gated": False}
+    if r.status_code != 202:
+        raise RuntimeError(f"activate {alias} → {patch}@{version}: {r.status_code} {r.text[:300]}")
+    job = gw.wait_job(r.headers["location"], timeout=900)
+    result = job.get("result") or {}
+    report = result.get("report") or {}
+    return {"alias": alias, "moved": bool(result.get("activated")), "gated": True, "state": job["state"],
+            **{k: report.get(k) for k in ("score_old", "score_new", "nfr", "pfr", "perplexity_ratio")},
+            "gate": result.get("gate"), "error": job.get("error")}
 
 
 def move(admin: httpx.Client, alias: str, patch: str, version: int) -> None:
@@ -174,7 +194,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2, help="separate → merged alternations")
-    parser.add_argument("--method", default="linear")
+    parser.add_argument("--method", default="distill")
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     kit = args.kit.resolve()
@@ -192,6 +212,9 @@ def main() -> None:
         tall, tall_s = merge_job(gw, {"method": "ties", "rank": args.rank, "name": "tall-merge", "tall": True})
         log(f"TIES merge with TALL storage in {tall_s:.1f} s: one adapter keeps at least {tall['min_retention']:.2f}, "
             f"the rebuilt sources {tall['tall']['min_retention']:.2f}")
+        gates = [gated_move(gw, alias, MERGED, merge["version"]) for alias in ALIASES]
+        log("each alias's own gate on the merge: " + ", ".join(
+            f"{g['alias']} {'moved' if g['moved'] else 'refused'} (NFR {g.get('nfr')})" for g in gates))
         for k in range(args.rounds):
             with gw.admin() as admin:
                 for alias in ALIASES:
@@ -218,7 +241,7 @@ def main() -> None:
                "tall_merge": {"job_s": round(tall_s, 1), "seconds": tall["seconds"],
                               "min_retention": tall["min_retention"], "tall": tall["tall"],
                               "retention": tall["retention"]},
-               "rounds": rows, "summary": {s: summary(rows, s) for s in ("separate", "merged")},
+               "gates": gates, "rounds": rows, "summary": {s: summary(rows, s) for s in ("separate", "merged")},
                "retired": retired,
                "settings": {"engine": args.engine, "requests": args.requests, "concurrency": args.concurrency,
                             "max_tokens": args.max_tokens, "rounds": args.rounds, "cpu_count": os.cpu_count(),
@@ -237,6 +260,11 @@ def main() -> None:
           f"retention {merge['seconds']['retention']} s); TIES with TALL storage {tall_s:.1f} s "
           f"(rebuilt sources keep at least {tall['tall']['min_retention']:.0%}, "
           f"one adapter {tall['min_retention']:.0%})")
+    for g in gates:
+        print(f"gate on the merge for {g['alias']}: {'moved' if g['moved'] else 'refused'}; score "
+              f"{g.get('score_old')} → {g.get('score_new')}, NFR {g.get('nfr')}, perplexity ratio "
+              f"{g.get('perplexity_ratio')}" + (f"; {'; '.join(g['gate']['reasons'])}" if g.get("gate") and
+                                                g["gate"].get("reasons") else ""))
     print(f"sources deleted: resident {retired['resident']} ({retired['resident_bytes'] / 1024:.0f} KiB)")
     print(f"merged / separate: throughput {results['throughput_ratio']:.2f}, resident adapter bytes once the "
           f"sources are retired {results['resident_bytes_ratio']:.2f}")

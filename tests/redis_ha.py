@@ -101,8 +101,25 @@ class RedisHA:
                         return
                 except redis.RedisError:
                     pass
-                assert time.monotonic() < deadline, f"no replica caught up with {primary}"
+                assert time.monotonic() < deadline, f"no replica caught up with {primary}:\n{self.diagnosis()}"
                 time.sleep(0.1)
+
+    def diagnosis(self) -> str:
+        """Each node's replication state and the end of its log, for a failure message."""
+        lines = []
+        for port, node in self.nodes.items():
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as r:
+                    info = r.info("replication")
+                state = {k: v for k, v in info.items() if k in (
+                    "role", "master_port", "master_link_status", "master_sync_in_progress", "connected_slaves",
+                    "master_repl_offset", "slave_repl_offset")}
+            except redis.RedisError as e:
+                state = {"error": str(e)}
+            log = node.dir / "redis.log"
+            tail = log.read_text(errors="replace").splitlines()[-12:] if log.exists() else []
+            lines += [f"node {port}: {state}", *(f"  {t}" for t in tail)]
+        return "\n".join(lines)
 
     def kill_primary(self) -> tuple[float, float]:
         """kill -9 of the primary; (seconds until a replica was promoted, until the killed node was a replica again)."""

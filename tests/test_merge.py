@@ -211,6 +211,9 @@ def test_a_merge_job_registers_one_version_with_a_retention_report_per_source(gw
     ({"params": {"beta": 0.6, "gamma": 0.5}}, 400, "beta + gamma"),
     ({"params": {"bogus": 1}}, 400, "bogus"),
     ({"tall": True, "tall_store": "magic"}, 400, "tall_store"),
+    ({"params": {"init": "magic"}}, 400, "init must be"),
+    ({"method": "distill", "params": {"init": "qa@1"}}, 400, "none of the sources"),
+    ({"method": "distill", "params": {"steps": 0}}, 400, "steps"),
 ])
 def test_refused_merges_register_nothing(gw, body, status, word):
     request = {"sources": ["sentiment@1", "reverse@1"], "method": "linear", "rank": 8, "name": "refused", **body}
@@ -221,6 +224,43 @@ def test_refused_merges_register_nothing(gw, body, status, word):
         assert word in r.json()["error"]["message"], r.json()
         assert not [j for j in admin.get("/admin/jobs").json() if j["params"].get("name") == "refused"]
         assert _versions(admin) == before
+
+
+def test_a_merge_by_distillation_keeps_every_task_where_a_merge_of_deltas_keeps_none(gw):
+    """The kit's patches each act on every prompt, so TIES keeps almost nothing of any task; one adapter
+    trained on the aliases' distillation prompts (fewer steps than the default, for time) keeps them."""
+    sources = ["sentiment@1", "reverse@1", "qa@1"]
+    results = {}
+    with gw.admin() as admin:
+        for method, params in (("ties", {}), ("distill", {"steps": 800})):
+            r = admin.post("/admin/merges", json={"sources": sources, "method": method, "rank": 16, "params": params,
+                                                  "name": f"{method}-{uuid.uuid4().hex[:6]}"})
+            assert r.status_code == 202, r.text
+            job = gw.wait_job(r.headers["location"], timeout=600)
+            assert job["state"] == "succeeded", job["error"]
+            results[method] = job["result"]
+        version = admin.get(f"/admin/patches/{results['distill']['ref'].replace('@', '/versions/')}").json()
+    made = results["distill"]["distillation"]
+    # auto: the sources rank 16 holds exactly, fewest prompts first (qa: 96, rank 8), then smallest (sentiment: 8)
+    assert made["init"] == "qa@1+sentiment@1" and made["prompts"] == {"sentiment@1": 512, "reverse@1": 512, "qa@1": 96}
+    assert made["steps"] == 800 and made["agreement"] > 0.9
+    assert version["meta"]["method"] == "distill" and sorted(version["parents"]) == sorted(sources)
+    assert results["distill"]["energy_kept"] is None  # trained, not truncated
+    kept = {row["alias"]: row["retention"] for row in results["distill"]["retention"]}
+    ties = {row["alias"]: row["retention"] for row in results["ties"]["retention"]}
+    assert max(ties.values()) < 0.5 and min(kept.values()) >= 0.6, (ties, kept)
+
+
+def test_a_merge_by_distillation_needs_each_source_alias_s_prompts(gw, kit_dir):
+    name = f"bare-{uuid.uuid4().hex[:6]}"
+    files = [("file", (f.name, f.read_bytes())) for f in sorted((kit_dir / "patches" / "reverse").iterdir())]
+    with gw.admin() as admin:
+        assert admin.post(f"/admin/patches/{name}/versions", files=files, data={"activate": "true"}).status_code == 201
+        before = _versions(admin)
+        r = admin.post("/admin/merges", json={"sources": ["sentiment@1", f"{name}@1"], "method": "distill",
+                                              "rank": 8, "name": "refused"})
+        assert r.status_code == 422 and "distillation prompts" in r.json()["error"]["message"], r.text
+        assert name in r.json()["error"]["message"] and _versions(admin) == before
 
 
 @pytest.fixture(scope="module")

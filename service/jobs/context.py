@@ -56,3 +56,15 @@ class JobContext:
         if record is None or not record.path:
             raise JobRefused(f"base {base!r} has no local path to evaluate on")
         return record.path
+
+    def distillation_prompts(self, alias: str) -> list[str]:
+        """The alias's distillation prompts; the job is refused if it has none or one is an evaluation item
+        (a repair or a merge by distillation must not train on what judges it)."""
+        prompts = self.evals.prompts(alias)
+        if not prompts:
+            raise JobRefused(f"alias {alias!r} has no distillation prompts (PUT /admin/aliases/{alias}/prompts)")
+        overlap = self.evals.overlap(alias, prompts)
+        if overlap:
+            raise JobRefused(f"{len(overlap)} of {alias!r}'s distillation prompts are items of its evaluation set "
+                             f"(first: {overlap[0][:80]!r}): a job must not train on what judges it")
+        return prompts

@@ -1,8 +1,11 @@
 """`merge`: several patch versions of one base folded into one new version, with a retention report.
 
 The sources' ΔWs are merged layer by layer (service/lora/merge.py) and written back as one adapter at
-`rank`; the result is validated like an upload and registered as a version of `name` (origin `merge`,
-every source a parent, method and parameters in its meta). Then each source is measured against the
+`rank` — or, with method `distill`, one adapter at `rank` is trained to answer each source alias's
+distillation prompts as that source does (service/lora/merge_by_distillation.py; refused if a source's
+alias has no such prompts or they overlap its evaluation set); the result is validated like an upload
+and registered as a version of `name` (origin `merge`, every source a parent, method and parameters in
+its meta). Then each source is measured against the
 merge on the evaluation set of the alias named like the source's patch: its score, the merge's score,
 their ratio (retention), NFR/PFR and the probe perplexity ratio. A retry finds the version an earlier
 attempt registered and measures again.
@@ -30,11 +33,13 @@ from adapters_store.errors import StoreError
 from adapters_store.jobs import Job
 from adapters_store.registry import PatchVersion
 from adapters_store.validation import validate_upload
+from service.evaluation.generation import greedy_generate
 from service.evaluation.report import compare
 from service.jobs.context import JobContext
 from service.jobs.worker import JobRefused, Progress
 from service.lora.factors import adapter_deltas, write_adapter
 from service.lora.merge import MergeParams, merge_deltas
+from service.lora.merge_by_distillation import DistillSource, distil_merge
 from service.lora.tall import (
     fitted_storage,
     mask_bytes,
@@ -70,6 +75,8 @@ def merge(ctx: JobContext, job: Job, progress: Progress) -> dict:
               "energy_kept": record.meta["energy_kept"], "retention": rows, "min_retention": _least(rows),
               # this attempt's time: merging (and rebuilding) vs evaluating, which dominates on a CPU
               "seconds": {"merge": round(merged_at - started, 1), "retention": round(time.monotonic() - merged_at, 1)}}
+    if "distillation" in record.meta:
+        result["distillation"] = record.meta["distillation"]
     if rebuilt:
         result["tall"] = {"versions": [v.ref for v in rebuilt], "retention": tall_rows,
                           "min_retention": _least(tall_rows), "lam": rebuilt[0].meta["tall"]["lam"],
@@ -105,17 +112,29 @@ def _merge_and_register(ctx: JobContext, job: Job, sources: list[PatchVersion], 
         for i, source in enumerate(sources):
             deltas.append(adapter_deltas(materialize(ctx.blobs, source.files, work / f"source-{i}")))
         progress(10, "sources read")
-        params = MergeParams(**p.get("params", {}))
-        try:
-            merged = merge_deltas(deltas, p["method"], params, lambda pct, stage: progress(10 + pct * 0.25, stage))
-        except ValueError as exc:
-            raise JobRefused(f"cannot merge: {exc}") from None
-        tall = (_store_tall(ctx, sources, deltas, merged.deltas, params.lam, p.get("tall_store", "masks"), work)
+        params = MergeParams(**{k: tuple(v) if k == "weights" else v for k, v in p.get("params", {}).items()})
+        meta: dict = {}
+        if p["method"] == "distill":
+            files, merged_deltas, meta["distillation"] = _distil(ctx, sources, work, params, int(p["rank"]),
+                                                                 base_path, progress)
+            energy = None  # trained, not a truncation of a merged ΔW
+        else:
+            try:
+                merged = merge_deltas(deltas, p["method"], params,
+                                      lambda pct, stage: progress(10 + pct * 0.25, stage))
+            except ValueError as exc:
+                raise JobRefused(f"cannot merge: {exc}") from None
+            merged_deltas = merged.deltas
+            if merged.kept_by_consensus:
+                kept = merged.kept_by_consensus
+                meta["consensus_kept"] = round(sum(kept.values()) / len(kept), 6)
+            progress(40, f"writing the merged patch at rank {p['rank']}")
+            out = work / "merged"
+            energy = round(write_adapter(Path(base_path), merged_deltas, int(p["rank"]), out).energy_kept, 6)
+            files = {f.name: f for f in out.iterdir()}
+        # With distill, TALL's masks ("masks" store) are taken over the distilled adapter's ΔW.
+        tall = (_store_tall(ctx, sources, deltas, merged_deltas, params.lam, p.get("tall_store", "masks"), work)
                 if p.get("tall") else None)
-        progress(40, f"writing the merged patch at rank {p['rank']}")
-        out = work / "merged"
-        found = write_adapter(Path(base_path), merged.deltas, int(p["rank"]), out)
-        files = {f.name: f for f in out.iterdir()}
         base_config = json.loads((Path(base_path) / "config.json").read_text())
         try:
             summary = validate_upload(p["name"], files, base_config, ctx.limits)
@@ -123,9 +142,7 @@ def _merge_and_register(ctx: JobContext, job: Job, sources: list[PatchVersion], 
             raise JobRefused(f"the merged patch is refused: {exc.message}") from None
         progress(50, "storing the merged patch")
         meta = {"job_id": job.id, "method": p["method"], "params": asdict(params), "rank": int(p["rank"]),
-                "energy_kept": round(found.energy_kept, 6), "sources": [s.ref for s in sources], **asdict(summary)}
-        if merged.kept_by_consensus:
-            meta["consensus_kept"] = round(sum(merged.kept_by_consensus.values()) / len(merged.kept_by_consensus), 6)
+                "energy_kept": energy, "sources": [s.ref for s in sources], **asdict(summary), **meta}
         if tall is not None:
             meta["tall"] = tall
         return ctx.registry.create_version(p["name"], sources[0].base, put_files(ctx.blobs, files), meta,
@@ -133,6 +150,24 @@ def _merge_and_register(ctx: JobContext, job: Job, sources: list[PatchVersion], 
                                            reason=p.get("reason") or f"{p['method']} merge")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _distil(ctx: JobContext, sources: list[PatchVersion], work: Path, params: MergeParams, rank: int,
+            base_path: str, progress: Progress) -> tuple[dict[str, Path], dict, dict]:
+    """The sources merged by distillation on their aliases' prompts: (files, the adapter's ΔWs, what it did)."""
+    found = [DistillSource(s.ref, work / f"source-{i}", ctx.distillation_prompts(s.name))
+             for i, s in enumerate(sources)]
+    try:
+        made = distil_merge(Path(base_path), found, rank, params, work,
+                            lambda model, tok, prompts: greedy_generate(model, tok, prompts,
+                                                                        ctx.evaluator.max_new_tokens),
+                            lambda pct, stage: progress(10 + pct * 0.3, stage))
+    except ValueError as exc:
+        raise JobRefused(f"cannot merge: {exc}") from None
+    r = made.result
+    return made.files, adapter_deltas(work / "merged"), {
+        "init": made.init, "prompts": {s.ref: len(s.prompts) for s in found}, "steps": r.steps,
+        "agreement": round(r.agreement, 4), "final_loss": round(r.final_loss, 4), "seconds": round(r.seconds, 1)}
 
 
 def _store_tall(ctx: JobContext, sources: list[PatchVersion], deltas: list[dict], merged: dict, lam: float,

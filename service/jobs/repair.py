@@ -46,7 +46,7 @@ def repair(ctx: JobContext, job: Job, progress: Progress) -> dict:
         raise JobRefused(f"{pointer.alias!r} already serves {pointer.ref} on {target.name}; a repair starts from "
                          f"the version on the base it replaces")
     source = ctx.version(pointer.patch, pointer.version)
-    distillation_prompts(ctx, pointer.alias)  # refused before anything is registered
+    ctx.distillation_prompts(pointer.alias)  # refused before anything is registered
     config = json.loads((Path(target.path) / "config.json").read_text())
     try:
         carried = carry(ctx, job, source, target, config)
@@ -59,7 +59,7 @@ def repair_alias(ctx: JobContext, job: Job, alias: str, source: PatchVersion, ca
                  target: BaseRecord, progress: Progress, move: bool) -> dict:
     """Distil, register, evaluate against `source`, gate, and (with `move`) move `alias`; the row of the report."""
     started = time.monotonic()
-    prompts = distillation_prompts(ctx, alias)
+    prompts = ctx.distillation_prompts(alias)
     repaired = next((v for v in ctx.registry.list_versions(source.name)
                      if v.meta.get("job_id") == job.id and v.meta.get("repaired_from") == carried.ref), None)
     if repaired is None:
@@ -77,18 +77,6 @@ def repair_alias(ctx: JobContext, job: Job, alias: str, source: PatchVersion, ca
             "score_repaired": report["score_new"], "nfr": report["nfr"], "pfr": report["pfr"],
             "perplexity_ratio": report["perplexity_ratio"], "gate": verdict, "moved": moved, "held": held,
             "seconds": round(time.monotonic() - started, 1)}
-
-
-def distillation_prompts(ctx: JobContext, alias: str) -> list[str]:
-    """The alias's distillation prompts; the job is refused if it has none or one is an evaluation item."""
-    prompts = ctx.evals.prompts(alias)
-    if not prompts:
-        raise JobRefused(f"alias {alias!r} has no distillation prompts (PUT /admin/aliases/{alias}/prompts)")
-    overlap = ctx.evals.overlap(alias, prompts)
-    if overlap:
-        raise JobRefused(f"{len(overlap)} of {alias!r}'s distillation prompts are items of its evaluation set "
-                         f"(first: {overlap[0][:80]!r}): a repair must not train on what judges it")
-    return prompts
 
 
 def _distil_and_register(ctx: JobContext, job: Job, source: PatchVersion, carried: PatchVersion,

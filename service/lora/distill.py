@@ -14,6 +14,7 @@ own tokens, so the old version's language model is kept along with its answers.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -67,27 +68,50 @@ def load_patched(base_path: str | Path, adapter_dir: str | Path, trainable: bool
     return model if trainable else model.merge_and_unload().eval()
 
 
+@dataclass
+class Teaching:
+    """One teacher and the (prompt ids, its answer ids) pairs it teaches."""
+    teacher: object
+    examples: list[tuple[list[int], list[int]]]
+
+
 def distil(teacher, student, examples: list[tuple[list[int], list[int]]], pad_id: int,
            params: DistillParams = DistillParams(), on_step: OnStep | None = None) -> DistillResult:
     """Train `student`'s LoRA (a trainable PeftModel) on (prompt ids, teacher's answer ids) pairs; in place."""
+    return distil_from([Teaching(teacher, examples)], student, pad_id, params, on_step)
+
+
+def distil_from(teachings: list[Teaching], student, pad_id: int, params: DistillParams = DistillParams(),
+                on_step: OnStep | None = None) -> DistillResult:
+    """Train `student`'s LoRA on several teachers at once, each on its own examples; in place.
+
+    With several, each step's batch draws a teacher uniformly and then one of its examples, so a
+    teacher with few examples is learned as well as one with many (a merge's small task beside a large one).
+    """
     started = time.monotonic()
-    examples = [(p, a) for p, a in examples if a]
-    if not examples:
+    groups = [[(p, a) for p, a in t.examples if a] for t in teachings]
+    if not any(groups):
         raise ValueError("no distillation example has an answer to learn")
-    # Targets are fixed before training: the teacher's and the carried student's distributions at T.
+    teachings = [t for t, g in zip(teachings, groups) if g]
+    groups = [g for g in groups if g]
+    # Targets are fixed before training: each teacher's and the carried student's distributions at T.
     student.eval()
-    teacher_logits, carried_logits = _all_logits(teacher, examples, pad_id), _all_logits(student, examples, pad_id)
-    targets, sent = [], 0
-    for (_, answer), t_logits, c_logits in zip(examples, teacher_logits, carried_logits):
-        wrong = c_logits.argmax(-1) != torch.tensor(answer)
-        sent += int(wrong.sum())
-        source = torch.where(wrong[:, None], t_logits, c_logits)
-        targets.append(F.softmax(source / params.temperature, dim=-1))
+    examples, targets, prompt_targets, owner, sent = [], [], [], [], 0
+    for teaching, group in zip(teachings, groups):
+        t_all, c_all = _all_logits(teaching.teacher, group, pad_id), _all_logits(student, group, pad_id)
+        for (_, answer), t_logits, c_logits in zip(group, t_all, c_all):
+            wrong = c_logits.argmax(-1) != torch.tensor(answer)
+            sent += int(wrong.sum())
+            source = torch.where(wrong[:, None], t_logits, c_logits)
+            targets.append(F.softmax(source / params.temperature, dim=-1))
+        if params.prompt_weight:
+            prompt_targets += [F.softmax(t / params.temperature, dim=-1)
+                               for t in _all_logits(teaching.teacher, group, pad_id, part="prompt")]
+        owner.append(range(len(examples), len(examples) + len(group)))
+        examples += group
     tokens = sum(len(a) for _, a in examples)
-    prompt_targets = []
-    if params.prompt_weight:
-        prompt_targets = [F.softmax(t / params.temperature, dim=-1)
-                          for t in _all_logits(teacher, examples, pad_id, part="prompt")]
+    # The agreement sample takes the teachers in turn, so each is checked.
+    sample = [i for row in itertools.zip_longest(*owner) for i in row if i is not None][: params.check_examples]
 
     params_to_train = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params_to_train, lr=params.lr, weight_decay=0.0)
@@ -98,12 +122,15 @@ def distil(teacher, student, examples: list[tuple[list[int], list[int]]], pad_id
         # Never before the first steps: a repair is asked for because the carried patch failed its gate,
         # and a student that already agrees on the sample may still differ where the gate measured.
         if step and step % params.check_every == 0:
-            agreement = _agreement(student, examples[: params.check_examples], pad_id)
+            agreement = _agreement(student, [examples[i] for i in sample], pad_id)
             if agreement >= params.stop_at_agreement:
                 break
         for group in opt.param_groups:  # linear decay: the carried patch is a good start, end gently
             group["lr"] = params.lr * (1 - step / params.steps)
-        chosen = [rng.randrange(len(examples)) for _ in range(params.batch)]
+        if len(owner) == 1:
+            chosen = [rng.randrange(len(examples)) for _ in range(params.batch)]
+        else:
+            chosen = [rng.choice(owner[rng.randrange(len(owner))]) for _ in range(params.batch)]
         rows = _answer_logits(student, [examples[i] for i in chosen], pad_id, grad=True, part="both")
         loss = torch.zeros(())
         for i, (row_logits, row_prompt) in zip(chosen, rows):

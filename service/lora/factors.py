@@ -4,7 +4,7 @@ adapter of a given rank by truncated SVD (the best rank-r approximation), report
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +50,13 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return a, b, (s[:r] ** 2).sum().item(), (s**2).sum().item()
 
 
-def write_adapter(base_dir: Path, deltas: Mapping[str, torch.Tensor], rank: int, out_dir: Path) -> LowRank:
-    """Write the deltas (module path → ΔW) to `out_dir` as a rank-`rank` PEFT LoRA adapter of the base."""
+def write_adapter(base_dir: Path, deltas: Mapping[str, torch.Tensor], rank: int, out_dir: Path,
+                  also: Iterable[str] = ()) -> LowRank:
+    """Write the deltas (module path → ΔW) to `out_dir` as a rank-`rank` PEFT LoRA adapter of the base.
+
+    `also`: more module paths to target with a ΔW of zero (PEFT's init: B zero, A random, so training
+    can grow them), for an adapter that will be trained beyond the deltas it starts from.
+    """
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     factors, modules, kept_sq, total_sq = {}, {}, 0.0, 0.0
     for name, delta in deltas.items():
@@ -59,7 +64,7 @@ def write_adapter(base_dir: Path, deltas: Mapping[str, torch.Tensor], rank: int,
         factors[name] = (a, b)
         modules[name] = kept / total if total else 1.0
         kept_sq, total_sq = kept_sq + kept, total_sq + total
-    targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
+    targets = sorted({name.rsplit(".", 1)[-1] for name in [*factors, *also]})
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM")
     peft = get_peft_model(base, config)

@@ -20,6 +20,8 @@ Methods (τ_t: source t's ΔW of one layer, w_t its weight):
 - orthogonal: sources in order; each τ_t is projected off the column space of what is merged so far
   (its top singular directions) before it is added, so a later patch does not overwrite an earlier
   one's directions (merging on the fly as patches arrive).
+
+The other method, `distill`, trains the merged adapter instead (service/lora/merge_by_distillation.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.utils import merge_utils
 
-from service.lora.params import METHODS, MergeParams
+from service.lora.params import DELTA_METHODS, MergeParams
 
 
 @dataclass
@@ -42,8 +44,8 @@ class Merged:
 def merge_deltas(sources: Sequence[dict[str, torch.Tensor]], method: str, params: MergeParams = MergeParams(),
                  progress: Callable[[float, str], None] = lambda p, s: None) -> Merged:
     """The merged ΔW of every layer any source changes (module path → tensor)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method not in DELTA_METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(DELTA_METHODS)}")
     params.check(len(sources))
     weights = torch.tensor(params.weights or [1.0] * len(sources))
     layers = sorted({name for source in sources for name in source})

@@ -334,11 +334,14 @@ def merges_create(ctx: typer.Context,
                   sources: Annotated[list[str], typer.Argument(help="Versions to merge, like sentiment@1 qa@1.")],
                   name: Annotated[str, typer.Option(help="The patch the merge is registered under.")],
                   rank: Annotated[int, typer.Option(help="Rank of the merged adapter.")],
-                  method: Annotated[str, typer.Option(help="linear, ties, dare_ties, breadcrumbs, consensus "
-                                                           "or orthogonal.")] = "ties",
+                  method: Annotated[str, typer.Option(help="linear, ties, dare_ties, breadcrumbs, consensus, "
+                                                           "orthogonal or distill.")] = "ties",
                   density: Annotated[Optional[float], typer.Option(help="ties, dare_ties.")] = None,
                   weights: Annotated[Optional[str], typer.Option(help="One per source, comma-separated.")] = None,
                   lam: Annotated[Optional[float], typer.Option(help="λ of the TALL masks (consensus, --tall).")] = None,
+                  init: Annotated[Optional[str], typer.Option(help="distill: the start (auto, a method or a "
+                                                                   "source).")] = None,
+                  steps: Annotated[Optional[int], typer.Option(help="distill: training steps.")] = None,
                   tall: Annotated[bool, typer.Option(help="Also keep TALL storage and rebuild each source from "
                                                           "it as its next version.")] = False,
                   tall_store: Annotated[str, typer.Option(help="fitted (shared ΔW and masks fitted to the "
@@ -346,7 +349,7 @@ def merges_create(ctx: typer.Context,
                   = "fitted",
                   reason: Reason = "", wait: Wait = True, json_: Json = False) -> None:
     """Merge SOURCES into a new version of --name, with a retention report per source alias."""
-    params: dict[str, Any] = {"density": density, "lam": lam}
+    params: dict[str, Any] = {"density": density, "lam": lam, "init": init, "steps": steps}
     if weights:
         try:
             params["weights"] = [float(w) for w in weights.split(",")]

@@ -14,7 +14,7 @@ from service.api.admin import protocol as a
 from service.api.admin.context import AdminContext, accepted, actor_of
 from service.api.auth import require_admin
 from service.api.errors import APIError
-from service.lora.params import MergeParams
+from service.lora.params import DELTA_METHODS, MergeParams
 from service.lora.tall import MAX_FITTED_SOURCES
 
 _REF = re.compile(r"([a-z0-9][a-z0-9-]*)@([0-9]{1,9})")
@@ -52,6 +52,15 @@ def routes(router: APIRouter, ctx: AdminContext) -> None:
             params.check(len(versions))
         except ValueError as exc:
             raise APIError(400, str(exc), param="params") from None
+        if body.method == "distill":
+            if params.init not in ("auto", *DELTA_METHODS, *body.sources):
+                raise APIError(400, f"init {params.init!r} is none of the sources", param="params")
+            records = await asyncio.to_thread(lambda: [ctx.evals.prompts_record(n) for n, _ in refs])
+            missing = [n for (n, _), r in zip(refs, records) if r is None]
+            if missing:
+                raise APIError(422, f"a merge by distillation trains on each source alias's distillation prompts; "
+                                    f"none for {', '.join(missing)} (PUT /admin/aliases/{missing[0]}/prompts)",
+                               param="sources")
         if body.tall and body.tall_store == "fitted" and len(versions) > MAX_FITTED_SOURCES:
             raise APIError(422, f"fitted TALL storage takes at most {MAX_FITTED_SOURCES} sources; give tall_store "
                                 f"'masks' for more", param="tall_store")

@@ -57,12 +57,17 @@ class MergeParamsRequest(_Request):
     gamma: float | None = Field(None, ge=0, lt=1)  # breadcrumbs: share of smallest magnitudes dropped
     lam: float | None = Field(None, ge=0, le=100)  # consensus: λ of the TALL masks
     k: int | None = Field(None, ge=1, le=64)  # consensus: tasks that must use an entry
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)  # dare_ties
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)  # dare_ties, distill
+    # distill: the student's start ("auto": the sources the rank holds exactly, fewest prompts first; a method;
+    # a source)
+    init: str | None = Field(None, max_length=200)
+    steps: int | None = Field(None, ge=1, le=20_000)  # distill: training steps
+    lr: float | None = Field(None, gt=0, le=1)  # distill: learning rate
 
 
 class MergeRequest(_Request):
     sources: list[str] = Field(min_length=2, max_length=16)  # 'name@N' versions of one base
-    method: Literal["linear", "ties", "dare_ties", "breadcrumbs", "consensus", "orthogonal"]
+    method: Literal["linear", "ties", "dare_ties", "breadcrumbs", "consensus", "orthogonal", "distill"]
     params: MergeParamsRequest = MergeParamsRequest()
     rank: int = Field(ge=1)
     name: str  # the patch the merged version is registered under
