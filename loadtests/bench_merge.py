@@ -114,7 +114,7 @@ def distill_row(bench: Bench, kit: Path, rank: int, own: dict) -> dict:
         merge_s = time.perf_counter() - started
         scores = bench.score_dir(Path(work) / "merged")
     kept = retention(scores, own)
-    return {"method": "distill", "rank": rank, "energy_kept": None, "init": made.init.removesuffix("@1"),
+    return {"method": "distill", "rank": rank, "energy_kept": None, "init": made.init.replace("@1", ""),
             "steps": made.result.steps, "merge_s": round(merge_s, 1),
             "merge_and_score_s": round(time.perf_counter() - started, 2), "scores": scores, "retention": kept,
             "min_retention": least(kept)}
@@ -260,7 +260,7 @@ def main() -> None:
                f"  relative error {row['relative_error']}  mask density {row['mask_density']}"), flush=True)
     best_tall = max([*results["tall"], row], key=lambda r: r["min_retention"])
     results.update(best=best["method"], best_tall=best_tall["method"])
-    print(f"best single adapter: {best['method']} keeps at least {best['min_retention']:.0%} of every task "
+    print(f"best single adapter: {best['method']} keeps at least {best['min_retention']:.1%} of every task "
           f"({runner_up['method']} next, {runner_up['min_retention']:.0%})")
     print(f"best TALL storage: {best_tall['method']}, each source rebuilt keeps at least "
           f"{best_tall['min_retention']:.0%}")
