@@ -51,7 +51,7 @@ class DistillSource:
 @dataclass
 class DistilledMerge:
     files: dict[str, Path]  # the merged adapter's files, by name
-    init: str  # what the student started from: a source's ref or a method
+    init: str  # what the student started from: a method, a source, or sources summed ("qa@1+sentiment@1")
     result: DistillResult
 
 
