@@ -78,8 +78,13 @@ def write_adapter(base_dir: Path, deltas: Mapping[str, torch.Tensor], rank: int,
                     module.lora_B["default"].weight.zero_()
     peft.save_pretrained(out_dir, safe_serialization=True)
     (Path(out_dir) / "README.md").unlink(missing_ok=True)  # a patch is config + weights only
-    # Not the directory it was computed on (a worker's or a build's temporary path): the registry names the base.
-    config_file = Path(out_dir) / "adapter_config.json"
+    unpin_base(Path(out_dir))
+    return LowRank(rank=rank, energy_kept=kept_sq / total_sq if total_sq else 1.0, modules=modules)
+
+
+def unpin_base(adapter_dir: Path) -> None:
+    """Drop the base path PEFT wrote into the adapter's config: it is the directory the adapter was computed
+    on (a worker's or a build's temporary path), and the registry names the base."""
+    config_file = adapter_dir / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": None},
                                       indent=2, sort_keys=True) + "\n")
-    return LowRank(rank=rank, energy_kept=kept_sq / total_sq if total_sq else 1.0, modules=modules)

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer
 
 from service.lora.distill import DistillParams, DistillResult, Teaching, distil_from, load_patched, save_adapter
-from service.lora.factors import adapter_deltas, write_adapter
+from service.lora.factors import adapter_deltas, unpin_base, write_adapter
 from service.lora.merge import merge_deltas
 from service.lora.params import DELTA_METHODS, MergeParams
 
@@ -113,9 +113,7 @@ def distil_merge(base_dir: Path, sources: Sequence[DistillSource], rank: int, pa
     distill = DistillParams(steps=params.steps, lr=params.lr, seed=params.seed, stop_at_agreement=2.0)
     result = distil_from(teachings, student, tok.pad_token_id, distill, step)
     files = save_adapter(student, work / "merged")
-    config = work / "merged" / "adapter_config.json"  # the registry names the base, not a worker's path
-    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": None},
-                                 indent=2, sort_keys=True) + "\n")
+    unpin_base(work / "merged")
     return DistilledMerge(files=files, init=init, result=result)
 
 
