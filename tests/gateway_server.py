@@ -17,14 +17,20 @@ class GatewayProcess:
     """A gateway on its own data dir; with no PATCHSERVE_REDIS_URL in `env`, on its own embedded Redis."""
 
     def __init__(self, kit_dir: Path, engine: str, logdir: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = logdir / f"gateway-{engine}-{self.port}.log"
+        self.engine, self.logdir = engine, logdir
         self.data_dir = Path(env.pop("PATCHSERVE_DATA_DIR", logdir / "data"))
         self.env = {**os.environ, "PATCHSERVE_KIT_DIR": str(kit_dir), "PATCHSERVE_ENGINE": engine,
-                    "PATCHSERVE_PORT": str(self.port), "PATCHSERVE_LOG_LEVEL": "WARNING",
+                    "PATCHSERVE_LOG_LEVEL": "WARNING",
                     "PATCHSERVE_DATA_DIR": str(self.data_dir), "PATCHSERVE_REDIS_PORT": str(free_port()), **env}
+        self._use_port(free_port())
         self.proc: subprocess.Popen | None = None
+        self._started = False
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.logdir / f"gateway-{self.engine}-{self.port}.log"
+        self.env["PATCHSERVE_PORT"] = str(port)
 
     @property
     def admin_key(self) -> str:
@@ -54,7 +60,18 @@ class GatewayProcess:
             self.proc.wait()
 
     def start(self, timeout: float = 240) -> GatewayProcess:
-        self.proc = _start(["serve"], self.env, self.log_path, f"{self.url}/readyz", timeout, "gateway")
+        for attempt in range(3):
+            try:
+                self.proc = _start(["serve"], self.env, self.log_path, f"{self.url}/readyz", timeout, "gateway")
+                self._started = True
+                return self
+            except RuntimeError as exc:
+                # free_port() names a port free when asked; the gateway binds it once its engine has started
+                # (seconds to minutes later), and another process may take it meanwhile (seen in CI: vLLM's own
+                # sockets). A first start moves to another port; a restart keeps its address, so it raises.
+                if self._started or "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self._use_port(free_port())
         return self
 
     def stop(self) -> None:
