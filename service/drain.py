@@ -65,4 +65,14 @@ def serve(app, host: str, port: int, drain: Drain, grace_s: float, timeout_s: fl
     """Run `app` on (host, port), or on the Unix socket `uds`, until SIGINT, or SIGTERM and its drain."""
     config = uvicorn.Config(app, host=host, port=port, uds=uds, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=timeout_s)
-    DrainingServer(config, drain, grace_s).run()
+    # Bound before the app starts (uvicorn binds only after the lifespan, which starts the engines: minutes):
+    # a taken port fails at once instead of after the engine started, and nothing else can take the
+    # address between "ready on" being printed and the first request. Connections made meanwhile wait in
+    # the backlog until the app is ready.
+    try:
+        sock = config.bind_socket()  # logs the OS's error and exits on failure
+    except SystemExit:
+        where = uds or f"{host}:{port}"
+        raise SystemExit(f"patchserve: cannot listen on {where} (the error above): stop what holds it, or give "
+                         f"another --port") from None
+    DrainingServer(config, drain, grace_s).run(sockets=[sock])

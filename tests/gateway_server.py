@@ -66,10 +66,10 @@ class GatewayProcess:
                 self._started = True
                 return self
             except RuntimeError as exc:
-                # free_port() names a port free when asked; the gateway binds it once its engine has started
-                # (seconds to minutes later), and another process may take it meanwhile (seen in CI: vLLM's own
-                # sockets). A first start moves to another port; a restart keeps its address, so it raises.
-                if self._started or "address already in use" not in str(exc) or attempt == 2:
+                # free_port() names a port free when asked; another process may take it before the gateway
+                # binds it (seen in CI: vLLM's own sockets, when the gateway bound only after its engine started).
+                # A first start moves to another port; a restart keeps its address, so it raises.
+                if self._started or "address already in use" not in str(exc).lower() or attempt == 2:
                     raise
                 self._use_port(free_port())
         return self

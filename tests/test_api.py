@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -230,3 +233,18 @@ def test_overload_answers_503_with_retry_after(kit_dir, tmp_path):
         assert client(server).completions.create(model="tiny", prompt="x", max_tokens=1).choices
     finally:
         server.stop()
+
+
+def test_a_taken_port_fails_before_the_engine_starts(kit_dir, tmp_path):
+    """The gateway binds its address before starting its engine: a port in use is a clear error at once,
+    not a failure after minutes of engine start-up, and nothing else can take the address meanwhile."""
+    server = GatewayProcess(kit_dir, "vllm", tmp_path)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", server.port))
+        held.listen()
+        done = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=server.env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{server.port}" in done.stderr, done.stderr
+    assert "address already in use" in done.stderr.lower()
+    assert "ready on" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)

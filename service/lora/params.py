@@ -24,8 +24,8 @@ class MergeParams:
     # distill: where the student starts — "auto" (the sum of the sources the rank holds exactly, fewest
     # distillation prompts first: those keep what they generalised), a delta method's merge, or a source ref
     init: str = "auto"
-    steps: int = 2000  # distill: training steps
-    lr: float = 2e-3  # distill: learning rate
+    steps: int = 1000  # distill: training steps
+    lr: float = 4e-3  # distill: learning rate
 
     def check(self, sources: int) -> None:
         """Raise ValueError naming the parameter that is out of range for `sources` sources."""
