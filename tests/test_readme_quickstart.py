@@ -10,14 +10,17 @@ which the suite's own first step filled: `make test` builds the kit from nothing
 pytest starts; building it a second time here would only double the suite's longest step.
 
 Then the README's Python example with the official `openai` client, the admin key where the README
-says it is, the README's `patchserve admin` block as written, `patchserve worker` from the same
+says it is, the README's `patchserve admin` block and every `curl` command as written (each job followed to
+its end), `patchserve worker` from the same
 directory, and a Ctrl-C: nothing may keep running, the embedded redis-server included.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -134,6 +137,65 @@ def test_the_readmes_operator_commands_run_as_written(make_serve):
     key = (clone / ".patchserve" / "admin.key").read_text().strip()
     alias = httpx.get(f"{README_URL}/admin/aliases/reverse", headers={"authorization": f"Bearer {key}"}).json()
     assert alias["ref"] == "reverse@1" and alias["history"][-1]["reason"] == "complaints"
+
+
+def _readme_curl_commands(readme: str) -> list[str]:
+    """Every `curl` command of the README's code blocks as written (its continuation lines included): from its
+    first line to the next command, comment or the end of the block."""
+    found: list[str] = []
+    in_block, command = False, None
+    for line in readme.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        ends = not in_block or line.startswith(("curl ", "#"))
+        if command is not None and ends:
+            found.append("\n".join(command))
+            command = None
+        if in_block and line.startswith("curl "):
+            command = [line]
+        elif command is not None:
+            command.append(line)
+    return found
+
+
+def test_the_readmes_curl_examples_run_as_written(make_serve):
+    """Every curl command of the README, with `K=$(cat .patchserve/admin.key)` as it says, from the clone's root,
+    against `make serve`, in order, each job it queues followed to its end as the README says: each answers what
+    its comment promises, and each job succeeds."""
+    clone, _, _ = make_serve
+    commands = _readme_curl_commands((clone / "README.md").read_text())
+    routes = [re.findall(rf"{re.escape(README_URL)}(\S+)", c)[-1] for c in commands]
+    assert len(commands) >= 6, routes
+    key = (clone / ".patchserve" / "admin.key").read_text().strip()
+    admin = httpx.Client(base_url=README_URL, headers={"authorization": f"Bearer {key}"}, timeout=30)
+    jobs = {}
+    for command, route in zip(commands, routes):
+        done = subprocess.run(["bash", "-c", f"K=$(cat .patchserve/admin.key)\n{command}"], cwd=clone,
+                              env=_user_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        body = json.loads(done.stdout)
+        if route.startswith("/admin/kv/"):  # the README says: the vLLM gateway refuses it, with the reason
+            assert body["error"]["code"] == "unprocessable", body
+            assert "needs the transformers engine" in body["error"]["message"], body
+            continue
+        assert "error" not in body, f"{command}\n{body}"
+        if "job" in body:
+            deadline = time.monotonic() + 600
+            while (job := admin.get(f"/admin/jobs/{body['job']['id']}").json())["state"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, f"{command}: still {job['state']} ({job['stage']})"
+                time.sleep(0.5)
+            assert job["state"] == "succeeded", f"{command}\n{job['error']}"
+            jobs[job["type"]] = job["result"]
+        elif route.endswith("/versions"):
+            assert body["ref"].startswith("reverse@"), body
+        elif route.endswith("/activate"):  # a version the alias served before (the block above) moves at once
+            jobs["activate"] = {"to": body["ref"]}
+        elif route.endswith("/rollback"):
+            assert body["ref"] == "reverse@1", body
+    admin.close()
+    assert jobs["activate"]["to"] == "reverse@2", jobs["activate"]
+    assert jobs["merge"]["ref"] == "support-merged@1" and len(jobs["merge"]["retention"]) == 3, jobs["merge"]
+    assert jobs["edit"]["report"]["batch"]["rel"] == 1.0, jobs["edit"]["report"]["batch"]
 
 
 def test_worker_runs_from_the_same_directory_and_stops_on_sigterm(make_serve):
