@@ -115,7 +115,7 @@ def serve(
     engine = create_engine(settings, base.path)
     worker = build_worker(store, settings) if settings.worker_in_process else None
     url = f"http://{host or settings.host}:{port or settings.port}"
-    drain = Drain()
+    drain = Drain(on_stop=[logs.quiet_engine_on_stop])
     drain.listeners.append(lambda: console.print("patchserve: SIGTERM: draining (not ready; finishing requests in "
                                                  "flight, then stopping)"))
     app = create_app(settings, engine, store, worker, drain=drain, url=url,

@@ -26,6 +26,7 @@ class Drain:
 
     started_at: float | None = None
     listeners: list[Callable[[], None]] = field(default_factory=list)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)  # told at a stop signal (Ctrl-C), every time
 
     @property
     def draining(self) -> bool:
@@ -49,6 +50,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM:
+            for listener in self.drain.on_stop:
+                listener()
             super().handle_exit(sig, frame)
             return
         # Not recorded as a captured signal: uvicorn would raise it again after shutdown, and the

@@ -62,3 +62,14 @@ def apply_library_levels() -> None:
     if level:
         for name in _NOISY:
             logging.getLogger(name).setLevel(level.upper())
+
+
+def quiet_engine_on_stop() -> None:
+    """Once the process is stopping: the engine's complaints about being stopped are not news.
+
+    A second Ctrl-C reaches vLLM's engine-core process (it is in the terminal's process group) while the
+    gateway is still shutting it down in order, and vLLM then logs its own death as an error with a
+    traceback. At debug level everything still shows.
+    """
+    if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() != "DEBUG":
+        logging.getLogger("vllm").setLevel(logging.CRITICAL)

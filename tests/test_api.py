@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.evaluation.generation import greedy_generate
 from tests.conftest import read_jsonl
 from tests.gateway_server import GatewayProcess
+from tests.process_ready import wait_ready
 
 PATCHES = ["sentiment", "reverse", "qa"]
 MAX_TOKENS = 12
@@ -248,3 +251,23 @@ def test_a_taken_port_fails_before_the_engine_starts(kit_dir, tmp_path):
     assert f"cannot listen on 127.0.0.1:{server.port}" in done.stderr, done.stderr
     assert "address already in use" in done.stderr.lower()
     assert "ready on" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+
+
+def test_ctrl_c_twice_stops_quietly(kit_dir, tmp_path):
+    """An impatient Ctrl-C, pressed twice at the terminal (its process group, vLLM's engine process included):
+    everything stops, and what vLLM says of its engine being stopped under it is not printed as an error."""
+    server = GatewayProcess(kit_dir, "vllm", tmp_path)
+    log = tmp_path / "ctrl-c.log"
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=server.env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # a terminal shows both
+    try:
+        wait_ready(proc, f"{server.url}/readyz", log, 240, "gateway")
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
