@@ -50,3 +50,8 @@ class NotReplicated(StoreError):
 # worker retries a job that meets it instead of refusing it for good.
 class BlobStorageError(Exception):
     """The blob storage (S3 or another S3 API server) failed or is unreachable; the message names what and where."""
+
+
+class EmbeddedRedisFailed(Exception):
+    """The embedded redis-server could not start (its port taken by another program or another data dir's
+    Redis, or its binary missing): a start-up problem for the operator, not a refused request."""

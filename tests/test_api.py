@@ -271,3 +271,31 @@ def test_ctrl_c_twice_stops_quietly(kit_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("PATCHSERVE_PORT", "abc", "PATCHSERVE_PORT='abc': Input should be a valid integer"),
+    ("PATCHSERVE_REDIS_PORT", "0", "PATCHSERVE_REDIS_PORT='0': Input should be greater than or equal to 1"),
+    ("PATCHSERVE_ENGINE", "tpu", "PATCHSERVE_ENGINE='tpu': Input should be 'auto', 'vllm' or 'transformers'"),
+])
+def test_a_bad_setting_is_one_line_naming_it(tmp_path, setting, value, says):
+    """An operator's typo in the environment: status 2 and one line naming the variable, not a traceback."""
+    env = {**os.environ, "PATCHSERVE_DATA_DIR": str(tmp_path), setting: value}
+    done = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"patchserve: {says}"), done.stderr
+
+
+def test_a_redis_port_held_by_another_program_is_one_line(kit_dir, tmp_path):
+    """The embedded Redis cannot start on a port another program holds: one line saying so and what to change."""
+    server = GatewayProcess(kit_dir, "transformers", tmp_path)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", int(server.env["PATCHSERVE_REDIS_PORT"])))
+        held.listen()
+        done = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=server.env, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not start on port" in lines[0] and "PATCHSERVE_REDIS_PORT" in lines[0], lines

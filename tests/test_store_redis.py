@@ -9,6 +9,7 @@ import threading
 import pytest
 import redis
 
+from adapters_store.errors import EmbeddedRedisFailed
 from adapters_store.redis_server import EmbeddedRedis, connect, stop_embedded
 from adapters_store.registry import Registry
 from service.settings import Settings
@@ -67,7 +68,7 @@ def test_a_second_gateway_reuses_the_running_server(tmp_path):
         second.client().set("k", "v")
         second.stop()  # not its server: it keeps running
         assert first.client().get("k") == b"v"
-        with pytest.raises(RuntimeError, match="taken by a Redis whose data is in"):
+        with pytest.raises(EmbeddedRedisFailed, match="taken by a Redis whose data is in"):
             EmbeddedRedis(tmp_path / "elsewhere", first.port).start()
     finally:
         first.stop()

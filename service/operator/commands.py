@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service.operator import render
 from service.operator.client import AdminClient, OperatorError
-from service.settings import get_settings
+from service.settings import SettingsError, get_settings
 
 GATE_REFUSED = 3
 _TERMINAL = ("succeeded", "failed")
@@ -58,7 +58,7 @@ def _run(ctx: typer.Context, action: Callable[[AdminClient], Any]) -> Any:
     try:
         with ctx.obj() as client:
             return action(client)
-    except OperatorError as exc:
+    except (OperatorError, SettingsError) as exc:
         render.err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
 
