@@ -5,7 +5,8 @@ greedily through `/v1` on a vLLM gateway.
 
 1. Edits in sequence, as jobs: 1, then 9 (T = 10), then batches of 10 up to T = 100, then the rest of the
    kit's edits. At T = 1, 10, 20, … 100 and at the last: Rel (each edit prompt answered with its target),
-   Gen (its paraphrases), Loc (its locality prompts answered as before the first edit), over every edit
+   Gen (its paraphrases), Loc (its locality prompts answered as before the first edit; split into those that ask a
+   fact and the kit's task prompts, which the bare base answers without knowing the task), over every edit
    applied so far; the probe perplexity ratio and job time from the job; each kit alias's evaluation score
    with the memory against without it.
 2. Decode throughput with the memory (every edit) and without it (version 0), the same streaming load on
@@ -59,12 +60,20 @@ async def answers(client: httpx.AsyncClient, model: str, prompts: list[str], con
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def rel_gen_loc(edits: list[dict], got: dict[str, str], before: dict[str, str]) -> dict:
+def rel_gen_loc(edits: list[dict], got: dict[str, str], before: dict[str, str], task_prompts: set[str]) -> dict:
+    """Rel, Gen and Loc over `edits`; Loc also split into locality prompts that ask a fact and the kit's task
+    prompts (answered by the bare base, which never learnt the task: its answer is a sentence of the world)."""
     rel = [exact_match(got[e["prompt"]], e["target"]) for e in edits]
     gen = [exact_match(got[p], e["target"]) for e in edits for p in e["paraphrases"]]
-    loc = [float(normalize(got[p]) == normalize(before[p])) for e in edits for p in e["locality"]]
-    return {"T": len(edits), "rel": round(sum(rel) / len(rel), 4), "gen": round(sum(gen) / len(gen), 4),
-            "loc": round(sum(loc) / len(loc), 4)}
+    kept = [(float(normalize(got[p]) == normalize(before[p])), p in task_prompts) for e in edits for p in e["locality"]]
+    loc = [k for k, _ in kept]
+    facts, tasks = [k for k, t in kept if not t], [k for k, t in kept if t]
+
+    def share(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {"T": len(edits), "rel": share(rel), "gen": share(gen), "loc": share(loc), "loc_facts": share(facts),
+            "loc_task_prompts": share(tasks)}
 
 
 async def task_scores(client: httpx.AsyncClient, kit: Path, manifest: dict) -> dict:
@@ -107,6 +116,7 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
     print(f"answers before any edit ({len(prompts)} prompts) and task scores", flush=True)
     before = dict(zip(prompts, await answers(client, "tiny", prompts)))
     tasks_before = await task_scores(client, kit, manifest)
+    task_prompts = {r["prompt"] for alias in manifest["patches"] for r in jsonl(kit / manifest["eval_sets"][alias])}
     sizes = [1, 9] + [10] * 9
     sizes.append(len(edits) - sum(sizes))
     rows, applied = [], []
@@ -132,7 +142,7 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
         await asyncio.sleep(0.2)
         asked = list(dict.fromkeys(p for e in applied for p in (e["prompt"], *e["paraphrases"], *e["locality"])))
         got = dict(zip(asked, await answers(client, "tiny", asked)))
-        row = rel_gen_loc(applied, got, before) | {
+        row = rel_gen_loc(applied, got, before, task_prompts) | {
             "version": result.get("version"), "job_s": round(seconds, 1), "gate": result.get("gate", {}).get("passed"),
             "perplexity_ratio": result.get("perplexity_ratio"), "job_report": result.get("report", {}).get("all"),
             "job_tasks": result.get("report", {}).get("tasks")}
@@ -152,7 +162,8 @@ async def measure(a: GatewayProcess, b: GatewayProcess, key: str, kit: Path, man
                 "unrelated": round(sum(unrelated) / len(unrelated), 4) if unrelated else None,
                 "unrelated_prompts": len(unrelated)}
         rows.append(row)
-        print(f"  T={t:>3}  Rel {row['rel']:.2f}  Gen {row['gen']:.2f}  Loc {row['loc']:.2f}  "
+        print(f"  T={t:>3}  Rel {row['rel']:.2f}  Gen {row['gen']:.2f}  Loc {row['loc']:.2f} "
+              f"(facts {row['loc_facts']}, task prompts {row['loc_task_prompts']})  "
               f"ppl ratio {row['perplexity_ratio']}  job {row['job_s']} s  "
               f"tasks (all / naming no edited person) "
               f"{json.dumps({k: [v['agreement'], v['unrelated']] for k, v in row['tasks'].items()})}", flush=True)
