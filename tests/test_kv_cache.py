@@ -144,6 +144,19 @@ def test_keys_quantise_in_groups_whatever_the_length():
     assert back.shape == x.shape and (back - x).abs().max() < (x.max() - x.min()) / 15
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("d, group", [(64, 16), (64, 64), (96, 32)])  # groups inside a byte slice, across, neither
+def test_values_dequantise_to_the_nearest_level_of_their_group(bits, d, group):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 7, d)
+    codes = quantize.quantize_values(x, bits, group)
+    back = quantize.dequantize_values(codes, torch.float32)
+    rows = x.reshape(2, 2, 7, d // group, group)
+    step = ((rows.amax(-1) - rows.amin(-1)) / ((1 << bits) - 1)).unsqueeze(-1)
+    # Within half a level of the fp16-rounded scale of its own group (plus fp16's rounding of the zero point).
+    assert ((back.reshape_as(rows) - rows).abs() <= step * 0.51 + 2e-3).all()
+
+
 def test_fp8_stores_one_byte_per_value(model, prompt):
     _, _, cache = decode(model, prompt, KVPolicy(quant="fp8", residual=0, sinks=0))
     layer = cache.layers[0]
