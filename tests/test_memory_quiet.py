@@ -44,7 +44,7 @@ def test_a_memory_trained_on_patched_traffic_stays_quiet_there(kit_dir, manifest
     edits = [Edit(r["prompt"], r["target"]) for r in rows]
     routed = {}
     for quiet in (None, torch.cat(trained_on)):
-        trained = train_memory(model, tok, layer, None, edits, [], irrelevant, WiseConfig(seed=1), quiet_inputs=quiet)
+        trained = train_memory(model, tok, layer, None, edits, [], irrelevant, WiseConfig(seed=1), quiet_inputs=[quiet])
         share = {a: float((torch.linalg.vector_norm(h @ trained.delta.T, dim=-1) >= trained.threshold).float().mean())
                  for a, h in held_out.items()}
         routed["plain" if quiet is None else "quiet"] = share

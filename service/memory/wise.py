@@ -16,7 +16,8 @@ edits, the memory's earlier edits replayed (WISE's replay, its Appendix B.3), an
 - WISE's element-wise norm constraint: |ΔW| ≤ `norm_constraint`;
 - the same quiet margin on texts as the memory's tenants are served them, under their LoRA patches
   (`quiet_inputs`): a patch moves the router's input h, and a memory trained on the bare base alone spoke
-  on patched task prompts (at T = 100 on the kit the reverse alias kept 39–50 % of its answers).
+  on patched task prompts (at T = 100 on the kit the reverse alias kept 39–50 % of its answers); and on every
+  irrelevant text's inputs on the bare base in every step, not only on the few sampled as negatives.
 
 Training stops early once every edit (new and replayed) is answered by the side memory and its margin
 holds. The threshold is then set between what irrelevant texts and edit prompts give (`threshold`).
@@ -162,11 +163,12 @@ def _answered(logits: torch.Tensor, rows: _Rows) -> torch.Tensor:
 def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None, edits: Sequence[Edit],
                  replay: Sequence[Edit], irrelevant: Sequence[str], config: WiseConfig = WiseConfig(),
                  progress: Callable[[float, str], None] = lambda p, s: None,
-                 always_quiet: Sequence[str] = (), quiet_inputs: torch.Tensor | None = None) -> Trained:
+                 always_quiet: Sequence[str] = (), quiet_inputs: Sequence[torch.Tensor] = ()) -> Trained:
     """The next memory version: ΔW trained from `parent` on `edits`, keeping `replay`, away from `irrelevant`.
 
     `always_quiet`: texts that are among the negatives of every step, not sampled (a revoked edit's prompts).
-    `quiet_inputs`: router inputs (rows of h, from `down_inputs`) the memory must stay quiet on too, every step.
+    `quiet_inputs`: sets of router inputs (rows of h, from `down_inputs`) the memory must stay quiet on too, every
+    step; each set's margin is its own mean, so a large set does not dilute a small one's few violations.
     """
     if not edits and not replay:
         raise ValueError("a memory version needs at least one edit")
@@ -182,7 +184,8 @@ def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None,
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     mask = (torch.rand(shape, generator=gen) < config.mask_density).float()
-    held = quiet_inputs if quiet_inputs is not None and len(quiet_inputs) else None
+    sets = [rows for rows in quiet_inputs if rows is not None and len(rows)]
+    held = torch.cat(sets) if sets else None
     hook = _TrainingHook(model, layer, delta)
     was_training = model.training
     model.eval()  # no dropout: the forward pass is the one served
@@ -203,8 +206,8 @@ def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None,
             quiet = rows.real & ~rows.answer
             loud = torch.relu(beta - norms[rows.answer]).mean() / scale
             hush = torch.relu(norms[quiet] - alpha).mean() / scale
-            if held is not None:
-                hush = hush + torch.relu(torch.linalg.vector_norm(held @ delta.T, dim=-1) - alpha).mean() / scale
+            for rows in sets:
+                hush = hush + torch.relu(torch.linalg.vector_norm(rows @ delta.T, dim=-1) - alpha).mean() / scale
             loss = ce + loud + config.quiet_weight * hush
             opt.zero_grad()
             loss.backward()
