@@ -184,7 +184,7 @@ def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None,
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     mask = (torch.rand(shape, generator=gen) < config.mask_density).float()
-    sets = [rows for rows in quiet_inputs if rows is not None and len(rows)]
+    sets = [inputs for inputs in quiet_inputs if inputs is not None and len(inputs)]
     held = torch.cat(sets) if sets else None
     hook = _TrainingHook(model, layer, delta)
     was_training = model.training
@@ -206,8 +206,8 @@ def train_memory(model: nn.Module, tok, layer: int, parent: torch.Tensor | None,
             quiet = rows.real & ~rows.answer
             loud = torch.relu(beta - norms[rows.answer]).mean() / scale
             hush = torch.relu(norms[quiet] - alpha).mean() / scale
-            for rows in sets:
-                hush = hush + torch.relu(torch.linalg.vector_norm(rows @ delta.T, dim=-1) - alpha).mean() / scale
+            for inputs in sets:  # each set its own mean
+                hush = hush + torch.relu(torch.linalg.vector_norm(inputs @ delta.T, dim=-1) - alpha).mean() / scale
             loss = ce + loud + config.quiet_weight * hush
             opt.zero_grad()
             loss.backward()
